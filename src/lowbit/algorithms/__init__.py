@@ -1,0 +1,9 @@
+"""One file per method; each is an `Algorithm` (prepare, quantize_block, finalize)."""
+
+from .base import Algorithm
+from .rtn import RTN
+
+# The names recipes use in their `steps`.
+ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN}
+
+__all__ = ["Algorithm", "RTN", "ALGORITHMS"]

@@ -1,0 +1,33 @@
+"""The contract every method implements, so recipes can chain them.
+
+A recipe is a list of algorithms. For each decoder block the runner calls, in recipe order,
+`quantize_block(ctx)` of every algorithm. Methods that only transform float weights (AWQ's
+scale search, SmoothQuant) leave the linears as `nn.Linear`; methods that round (RTN, GPTQ,
+AWQ's final step) replace them with packed modules. `prepare` runs once before any block (and
+is where bad input is refused, before minutes of calibration), `finalize` once after.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Algorithm:
+    name: str = "algorithm"
+    # Whether the runner must feed calibration samples through the blocks.
+    requires_calibration: bool = True
+    # Which outputs feed the next block: "quantized" (GPTQ) or "float" (AutoAWQ).
+    propagate: str = "quantized"
+
+    def prepare(self, model: nn.Module, adapter) -> None:
+        pass
+
+    def quantize_block(self, ctx) -> None:
+        raise NotImplementedError
+
+    def finalize(self, model: nn.Module, adapter) -> None:
+        pass
+
+    def config(self) -> dict:
+        """What the checkpoint records about how it was made."""
+        return {"method": self.name}

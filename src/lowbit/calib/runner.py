@@ -1,0 +1,226 @@
+"""The block-sequential runner.
+
+Calibration-based methods quantize one decoder block at a time: the inputs of block i are the
+outputs of the already-quantized blocks 0..i-1 (GPTQ's choice, so each block corrects the error
+of the ones before it). The runner
+
+1. captures the hidden states entering block 0 and the keyword arguments every block receives
+   (masks and rotary embeddings; Gemma-3 gives sliding-window and global layers different ones,
+   so they are recorded per block), with cache objects removed;
+2. for each block: moves it to the compute device, hands a `BlockContext` to each algorithm in
+   turn, then re-runs the (now quantized) block to produce the next block's inputs;
+3. keeps only the current block on the compute device.
+
+Algorithms that need no data (RTN) run through the same loop with no inputs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import block_linears, get_blocks, get_module
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder so the model's head never runs during capture."""
+
+
+# Keyword arguments that carry decoding state: calibration runs each block once, without a cache.
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_position")
+
+
+def sanitize_kwargs(kwargs: dict) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        if k in _CACHE_KWARGS:
+            continue
+        if k in ("use_cache", "output_attentions"):
+            v = False
+        out[k] = v
+    return out
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block during capture: records what it receives, passes hidden states on."""
+
+    def __init__(self, original: nn.Module, index: int, store: list, stop: bool):
+        super().__init__()
+        self.index, self.store, self.stop = index, store, stop
+        object.__setattr__(self, "_original", original)  # not a submodule: no double registration
+
+    def __getattr__(self, name):
+        # models read attributes of their layers while iterating (Qwen2's `attention_type`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:  # some architectures pass the mask positionally; keep them as they came
+            kwargs = {**kwargs, "__args__": args}
+        self.store[self.index] = (hidden_states, sanitize_kwargs(kwargs))
+        if self.stop:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class Chunk:
+    """A batch of calibration samples on its way through the blocks."""
+
+    hidden: torch.Tensor  # [b, L, hidden]
+    kwargs: list[dict]  # per block: what that block is called with
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def call_block(module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    kwargs = dict(kwargs)
+    args = kwargs.pop("__args__", ())
+    out = module(hidden, *args, **kwargs)
+    # transformers < 5 returned a tuple from decoder layers
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockContext:
+    """What an algorithm sees of one block."""
+
+    index: int
+    name: str  # e.g. "model.layers.3"
+    block: nn.Module
+    adapter: object
+    device: torch.device
+    chunks: list[Chunk] = field(default_factory=list)
+    float_outputs: list[torch.Tensor] | None = None  # set when an algorithm asked for them
+    state: dict = field(default_factory=dict)  # algorithms may leave notes for the ones after them
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.chunks)
+
+    @property
+    def linears(self) -> dict[str, nn.Module]:
+        return block_linears(self.block, self.adapter)
+
+    def kwargs(self, chunk: Chunk) -> dict:
+        return _to(chunk.kwargs[self.index], self.device)
+
+    def inputs(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        for c in self.chunks:
+            yield c.hidden.to(self.device), self.kwargs(c)
+
+    @torch.no_grad()
+    def forward(self, module: nn.Module | None = None) -> list[torch.Tensor]:
+        """Runs the block (or another module taking the block's inputs) over all calibration chunks."""
+        module = self.block if module is None else module
+        return [call_block(module, h, kw) for h, kw in self.inputs()]
+
+    @contextmanager
+    def hook_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None]):
+        """Calls fn(name, x [tokens, in]) with each named submodule's input while the block runs."""
+        handles = []
+        for name in names:
+            mod = get_module(self.block, name)
+
+            def hook(_m, args, _name=name):
+                x = args[0]
+                fn(_name, x.detach().reshape(-1, x.shape[-1]))
+
+            handles.append(mod.register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def collect_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The inputs of the named submodules over all calibration tokens: {name: [tokens, in]}."""
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        with self.hook_inputs(names, lambda n, x: got[n].append(x)):
+            self.forward()
+        return {n: torch.cat(v) for n, v in got.items()}
+
+
+class BlockRunner:
+    def __init__(self, model: nn.Module, adapter, samples: torch.Tensor | None = None, *,
+                 device: str | torch.device | None = None, batch_size: int = 8, progress: bool = True):
+        self.model = model
+        self.adapter = adapter
+        self.samples = samples
+        self.blocks = get_blocks(model, adapter)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.offload = _model_device(model)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.chunks: list[Chunk] = []
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Records block inputs for every sample batch, running only the embeddings."""
+        n = len(self.blocks)
+        originals = list(self.blocks)
+        self.chunks = []
+        try:
+            store: list = [None] * n
+            for i in range(n):
+                self.blocks[i] = _Recorder(originals[i], i, store, stop=(i == n - 1))
+            for start in range(0, self.samples.shape[0], self.batch_size):
+                ids = self.samples[start : start + self.batch_size].to(self.device)
+                store[:] = [None] * n
+                try:
+                    self.model(input_ids=ids, use_cache=False)
+                except _StopForward:
+                    pass
+                if any(s is None for s in store):
+                    missing = [i for i, s in enumerate(store) if s is None]
+                    raise RuntimeError(f"blocks {missing} were never called during capture")
+                self.chunks.append(Chunk(hidden=store[0][0].to(self.offload), kwargs=[_to(s[1], self.offload) for s in store]))
+        finally:
+            for i, b in enumerate(originals):
+                self.blocks[i] = b
+
+    @torch.no_grad()
+    def run(self, algorithms: list) -> None:
+        calibrated = self.samples is not None
+        if calibrated:
+            self.capture()
+        prefix = self.adapter.blocks
+        bar = tqdm(range(len(self.blocks)), desc="quantizing blocks", disable=not self.progress, unit="block")
+        for i in bar:
+            block = self.blocks[i].to(self.device)
+            ctx = BlockContext(i, f"{prefix}.{i}", block, self.adapter, self.device, self.chunks)
+            if calibrated and any(getattr(a, "propagate", "quantized") == "float" for a in algorithms):
+                ctx.float_outputs = ctx.forward()
+            for alg in algorithms:
+                alg.quantize_block(ctx)
+            if calibrated and i < len(self.blocks) - 1:
+                outs = ctx.float_outputs if any(getattr(a, "propagate", "quantized") == "float" for a in algorithms) else ctx.forward()
+                for c, o in zip(self.chunks, outs):
+                    c.hidden = o.to(self.offload)
+            self.blocks[i] = block.to(self.offload)
+        self.chunks = []
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -1,0 +1,159 @@
+"""`lowbit`: quantize, eval, bench, convert, zoo. Bad input ends in one line on stderr and status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import LowbitError
+
+
+def _bool_pair(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=help)
+    g.add_argument(f"--no-{name}", dest=name, action="store_false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize Hugging Face causal LMs to low bits.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model with a recipe and save it")
+    q.add_argument("model", help="HF checkpoint directory or zoo name (smollm2-135m, gemma3-270m)")
+    q.add_argument("--recipe", default="w4a16-rtn", help="preset name or a recipe .yaml file")
+    q.add_argument("--bits", type=int)
+    q.add_argument("--group-size", type=int, help="-1 for per-channel")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None)
+    sym.add_argument("--asym", dest="symmetric", action="store_false")
+    q.add_argument("--calib", help="calibration text file")
+    q.add_argument("--calib-samples", type=int)
+    q.add_argument("--calib-seqlen", type=int)
+    q.add_argument("--out", required=True)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--device", default=None)
+
+    e = sub.add_parser("eval", help="perplexity, KL to a reference model, bits per weight")
+    e.add_argument("model", help="checkpoint directory (lowbit or HF) or zoo name")
+    e.add_argument("--ppl", required=True, help="text file, e.g. ../shared/data/wikitext-2/wiki.test.joined.txt")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
+    _bool_pair(e, "bos", "put BOS at the start of each window (default: on for Gemma, off otherwise)")
+    e.add_argument("--ref", help="original model for KL divergence and top-1 agreement")
+    e.add_argument("--json", help="write the results here")
+
+    b = sub.add_parser("bench", help="prefill and decode throughput, peak memory")
+    b.add_argument("model")
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--json")
+
+    c = sub.add_parser("convert", help="import a GGUF file into a plain HF checkpoint")
+    c.add_argument("gguf")
+    c.add_argument("out")
+    c.add_argument("--overwrite", action="store_true")
+
+    z = sub.add_parser("zoo", help="reference models: list, pull, path")
+    z.add_argument("action", choices=["list", "pull", "path"])
+    z.add_argument("name", nargs="?")
+    return p
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if path:
+        from .formats import atomic_file
+
+        with atomic_file(path) as tmp:
+            Path(tmp).write_text(text + "\n")
+
+
+def default_bos(model) -> bool:
+    # Gemma models are trained with BOS at the start of every sequence and degrade without it.
+    return str(getattr(model.config, "model_type", "")).startswith("gemma")
+
+
+def cmd_quantize(a) -> None:
+    from . import api, calib
+    from .recipes import load_recipe
+
+    from .formats.atomic import check_output_dir
+
+    out = check_output_dir(a.out, a.overwrite)  # before minutes of work, not after
+    recipe = load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric)
+    if a.calib is not None and not Path(a.calib).is_file():
+        raise LowbitError(f"calibration file {a.calib} does not exist")
+    t0 = time.perf_counter()
+    model = api.load(a.model)
+    src = calib.text_file(a.calib) if a.calib else None
+    api.quantize(model, recipe, src, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, device=a.device)
+    elapsed = time.perf_counter() - t0
+    api.save(model, out, overwrite=a.overwrite)
+    print(f"quantized {a.model} with {recipe.name} in {elapsed:.1f} s -> {out}")
+
+
+def cmd_eval(a) -> None:
+    from . import api
+    from .eval import bits_per_weight, evaluate, load_windows, model_bytes
+
+    model = api.load(a.model)
+    tok = model.lowbit_tokenizer
+    if tok is None:
+        raise LowbitError(f"{a.model} has no tokenizer files; evaluation needs one")
+    bos = default_bos(model) if a.bos is None else a.bos
+    windows = load_windows(tok, a.ppl, seqlen=a.seqlen, windows=a.windows, bos=bos)
+    ref = api.load(a.ref) if a.ref else None
+    t0 = time.perf_counter()
+    res = evaluate(model, windows, ref_model=ref)
+    res.update(bits_per_weight(model))
+    res["model_bytes"] = model_bytes(model.lowbit_source)
+    res.update(model=str(a.model), ref=a.ref, bos=bos, text=str(a.ppl), eval_seconds=round(time.perf_counter() - t0, 1))
+    _write_json(a.json, res)
+
+
+def cmd_bench(a) -> None:
+    from . import api
+    from .eval import measure_throughput
+
+    model = api.load(a.model)
+    res = measure_throughput(model, prompt_len=a.prompt_len, new_tokens=a.new_tokens)
+    res["model"] = str(a.model)
+    _write_json(a.json, res)
+
+
+def cmd_convert(a) -> None:
+    from .formats.gguf import convert_gguf
+
+    out = convert_gguf(a.gguf, a.out, overwrite=a.overwrite)
+    print(f"converted {a.gguf} -> {out}")
+
+
+def cmd_zoo(a) -> None:
+    from . import zoo
+
+    if a.action == "list":
+        for name, entry in zoo.ZOO.items():
+            print(name)
+        return
+    if not a.name:
+        raise LowbitError(f"zoo {a.action} needs a model name ({', '.join(zoo.ZOO)})")
+    print(zoo.pull(a.name) if a.action == "pull" else zoo.path(a.name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "convert": cmd_convert,
+         "zoo": cmd_zoo}[args.cmd](args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

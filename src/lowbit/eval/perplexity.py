@@ -1,0 +1,139 @@
+"""Perplexity, KL divergence and top-1 agreement on non-overlapping windows (GPTQ-style).
+
+The text is tokenized once as a whole and cut into windows of `seqlen` tokens; every window is scored
+independently, its first position has no context and is not scored. This is the protocol of the
+GPTQ and AWQ papers, so numbers compare with theirs at the same `seqlen`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lowbit.errors import CalibrationError
+from lowbit.eval._common import eval_mode, model_device
+
+__all__ = ["load_windows", "evaluate"]
+
+# Positions per log_softmax chunk: bounds the float32 temporaries to chunk x vocab (Gemma: 262k vocab).
+_CHUNK = 128
+
+
+def _read_text(text_or_path: str | os.PathLike) -> str:
+    if isinstance(text_or_path, os.PathLike):
+        return Path(text_or_path).read_text(encoding="utf-8")
+    looks_like_path = len(text_or_path) < 4096 and "\n" not in text_or_path
+    if looks_like_path and os.path.isfile(text_or_path):
+        return Path(text_or_path).read_text(encoding="utf-8")
+    return text_or_path
+
+
+def load_windows(
+    tokenizer,
+    text_or_path: str | os.PathLike,
+    seqlen: int = 512,
+    windows: int | None = None,
+    bos: bool = False,
+) -> torch.Tensor:
+    """Token windows `[n, seqlen]` (int64) for `evaluate`.
+
+    `bos=True` (Gemma) makes each window `[BOS] + seqlen - 1` text tokens, taken consecutively so no
+    text token is skipped between windows; this reproduces the published Gemma-3-270m number.
+    """
+    if seqlen < 2:
+        raise CalibrationError(f"seqlen must be at least 2, got {seqlen}")
+    if windows is not None and windows < 1:
+        raise CalibrationError(f"windows must be at least 1, got {windows}")
+    text = _read_text(text_or_path)
+    # verbose=False: the "longer than the model's maximum length" warning does not apply, we cut windows
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+
+    if bos:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None:
+            raise CalibrationError("bos=True but the tokenizer has no BOS token")
+        step = seqlen - 1
+    else:
+        step = seqlen
+    available = ids.numel() // step
+    if available == 0:
+        raise CalibrationError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if windows is not None and windows > available:
+        raise CalibrationError(f"asked for {windows} windows of {seqlen} tokens, the text holds only {available}")
+    n = available if windows is None else windows
+
+    body = ids[: n * step].view(n, step)
+    if not bos:
+        return body.clone()
+    return torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), body], dim=1)
+
+
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
+
+
+def evaluate(
+    model,
+    windows: torch.Tensor,
+    ref_model=None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of `model` on `windows`; with `ref_model`, also KL(P_ref || P_model) and top-1 agreement.
+
+    Both models run on each batch in turn, and only that batch's logits are alive at any time.
+    `nll` and `kl` are means over the scored positions, in nats.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
+        raise CalibrationError(f"windows must be [n >= 1, seqlen >= 2], got {list(windows.shape)}")
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be at least 1, got {batch_size}")
+    n, seqlen = windows.shape
+    nll_sum = 0.0
+    kl_sum = 0.0
+    agree = 0
+    scored = 0
+    start = time.perf_counter()
+
+    batches = range(0, n, batch_size)
+    desc = "ppl+kl" if ref_model is not None else "ppl"
+    with torch.inference_mode(), eval_mode(model, ref_model):
+        for i in tqdm(batches, desc=desc, unit="batch" if batch_size > 1 else "window", disable=not progress):
+            batch = windows[i : i + batch_size]
+            logits = _logits(model, batch)[:, :-1]  # [b, seqlen - 1, vocab]
+            targets = batch[:, 1:].to(logits.device)
+            ref_logits = None
+            if ref_model is not None:
+                ref_logits = _logits(ref_model, batch)[:, :-1].to(logits.device)
+            for j in range(0, seqlen - 1, _CHUNK):
+                logp = F.log_softmax(logits[:, j : j + _CHUNK].float(), dim=-1)
+                tgt = targets[:, j : j + _CHUNK]
+                nll_sum += -logp.gather(-1, tgt.unsqueeze(-1)).double().sum().item()
+                if ref_logits is not None:
+                    ref_logp = F.log_softmax(ref_logits[:, j : j + _CHUNK].float(), dim=-1)
+                    kl = F.kl_div(logp, ref_logp, log_target=True, reduction="none").sum(-1)
+                    kl_sum += kl.double().sum().item()
+                    agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+            scored += targets.numel()
+            del logits, ref_logits
+
+    nll = nll_sum / scored
+    result = {
+        "ppl": math.exp(nll) if nll < 700 else math.inf,  # a broken model must not crash the report
+        "nll": nll,
+        "windows": n,
+        "seqlen": seqlen,
+        "tokens": scored,
+        "seconds": time.perf_counter() - start,
+    }
+    if ref_model is not None:
+        result["kl"] = kl_sum / scored
+        result["top1_agreement"] = agree / scored
+    return result

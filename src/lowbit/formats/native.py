@@ -1,0 +1,184 @@
+"""lowbit's own checkpoint: one safetensors file, config.json with a `quantization_config`, the tokenizer.
+
+    config.json  "quantization_config": {
+        "quant_method": "lowbit", "format_version": 1, "recipe": {...},
+        "modules": {"model.layers.0.self_attn.q_proj": {"class": "WQLinear", "bits": 4, ...}, ...}}
+    model.safetensors  every tensor of the model; packed modules contribute qweight/scales/qzeros.
+
+Per-module entries (not one global setting) so mixed-precision models describe themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import CheckpointError
+from ..models import get_module, set_module
+from ..nn import QUANTIZED_MODULES, WQLinear
+from .atomic import atomic_dir
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if type(m).__name__ in QUANTIZED_MODULES}
+
+
+def module_config(m: nn.Module) -> dict:
+    if isinstance(m, WQLinear):
+        return {"class": "WQLinear", "in_features": m.in_features, "out_features": m.out_features,
+                "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
+                "codebook": m.codebook is not None, "bias": m.bias is not None,
+                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
+    raise CheckpointError(f"cannot save module of type {type(m).__name__}")
+
+
+def module_from_config(c: dict, name: str) -> nn.Module:
+    if c.get("class") != "WQLinear":
+        raise CheckpointError(f"checkpoint module {name} has unknown class {c.get('class')!r}")
+    return WQLinear(c["in_features"], c["out_features"], bits=c["bits"], group_size=c["group_size"],
+                    symmetric=c["symmetric"], bias=c["bias"], codebook=c.get("codebook", False),
+                    bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"), name=name)
+
+
+def _dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: keep the first name of each tied tensor."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            continue
+        seen[key] = k
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
+         recipe: dict | None = None) -> Path:
+    qmods = quantized_modules(model)
+    qcfg = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
+            "recipe": recipe or getattr(model, "lowbit_recipe", None),
+            "modules": {n: module_config(m) for n, m in qmods.items()}}
+    state = _dedupe_tied(model.state_dict())
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        tmp = Path(tmp)
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "lowbit_format": str(FORMAT_VERSION)})
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = qcfg
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def read_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a model checkpoint")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e})") from e
+
+
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Reads tensors, refusing truncated or corrupt files with a message that names the file."""
+    state = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    state[k] = fh.get_tensor(k)
+        except (SafetensorError, OSError, struct.error) as e:
+            raise CheckpointError(f"{f} is truncated or corrupt ({e})") from e
+    return state
+
+
+def check_safetensors(files: list[Path]) -> None:
+    """Opens each file's header, which is where safetensors notices truncation."""
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f} is truncated or corrupt ({e})") from e
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        if pickles:
+            raise CheckpointError(f"{path} holds only pickle weights ({', '.join(pickles)}); lowbit refuses to "
+                                  f"unpickle files: convert them to safetensors first")
+        raise CheckpointError(f"{path} has no .safetensors weights")
+    return files
+
+
+def load(path: str | Path, cfg: dict, *, device: str | torch.device = "cpu") -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    qcfg = cfg["quantization_config"]
+    if qcfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer lowbit (format {qcfg['format_version']})")
+    state = read_safetensors(weight_files(path))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # The float weights are never filled in: don't spend time initialising them.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=_dtype(cfg))
+    for name, mc in qcfg.get("modules", {}).items():
+        try:
+            get_module(model, name)
+        except AttributeError as e:
+            raise CheckpointError(f"checkpoint names module {name}, which this architecture does not have") from e
+        set_module(model, name, module_from_config(mc, name))
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {k} (not part of this model)")
+        if tuple(expected[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(expected[k].shape)}")
+    tied = _tied_names(model)
+    missing = [k for k in expected if k not in state and k not in tied]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    model.lowbit_recipe = qcfg.get("recipe")
+    return model.to(device).eval()
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names that alias another tensor (a tied lm_head)."""
+    names = set()
+    seen = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        ptr = v.data_ptr() if v.numel() else None
+        if ptr is not None and ptr in seen:
+            names.add(k)
+        seen.setdefault(ptr, k)
+    if getattr(model.config, "tie_word_embeddings", False):
+        names.update(k for k in model.state_dict() if k.startswith("lm_head."))
+    return names
+
+
+def _dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)

@@ -1,0 +1,296 @@
+"""Optional C++ kernels for ``wint_gemm`` on CPU, built on first use with ``load_inline``.
+
+They read torch's own int4pack layout (the ``int4pack_weight`` / ``int4pack_scales_zeros``
+tensors ``prepare_wint`` already builds), so they need no extra memory:
+
+- ``int4pack_gemm(x_bf16 [M, K], packed, scales_zeros, group) -> fp32 [M, N]``: few-token GEMM.
+  Nibbles become bf16 with one OR (``0x4300 | q`` is the bf16 of ``128 + q``) and go through
+  ``vdpbf16ps`` (AVX512-BF16), each unpacked weight reused for up to 4 activation rows; the
+  ``+128`` is taken out per group with the group sums of x.
+- ``int4pack_dequant_t(packed, scales_zeros, group, block0, block1, out)``: ``W^T`` of rows
+  ``64*block0 .. 64*block1`` in bf16 ``[K, rows]`` for the dequantize + bf16 GEMM path.
+
+Built with ``-O3 -march=native -fopenmp`` into ``${LOWBIT_CACHE:-~/.cache/lowbit}/ext`` (a
+directory per source, torch version and CPU flags, since ``-march=native`` binaries do not move
+between CPUs). ``LOWBIT_WINT_EXT=0`` turns it off. If the build fails, ``load()`` returns None
+and warns once; callers fall back to the torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+EXT_ENV = "LOWBIT_WINT_EXT"
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LOWBIT_AVX512BF16 1
+#endif
+
+// torch 2.13 int4pack CPU layout, packed uint8 [N, K/2]: the first N/64*64 rows in blocks of
+// 64 rows stored [K][32] bytes (low nibble row j, high nibble row 32+j); a tail of t rows
+// stored [K][t/2] bytes (low nibble even row, high nibble odd row).
+// scales_zeros bf16 [K/g, N, 2]: w = (q - 8) * scale + zero.
+
+static inline float bf16f(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t f2bf16(float f) {  // round to nearest even
+  uint32_t u; std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return (uint16_t)(u >> 16);
+}
+
+#ifdef LOWBIT_AVX512BF16
+// rows n0..n0+63 (block at pb), activation rows m0..m0+MT-1
+template <int MT>
+static void gemm_block(const uint16_t* x, int64_t K, const uint8_t* pb, const uint16_t* sz,
+                       int64_t N, int64_t n0, int64_t g, const float* xs, float* y) {
+  const int64_t G = K / g;
+  const __m512i m0f = _mm512_set1_epi16(0x000F);
+  const __m512i b43 = _mm512_set1_epi16(0x4300);
+  const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 acc[MT][4];
+    for (int m = 0; m < MT; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    const int64_t k1 = (gi + 1) * g;
+    for (int64_t k = gi * g; k < k1; k += 2) {
+      __m256i A = _mm256_loadu_si256((const __m256i*)(pb + k * 32));
+      __m256i B = _mm256_loadu_si256((const __m256i*)(pb + (k + 1) * 32));
+      __m256i lo = _mm256_unpacklo_epi8(A, B), hi = _mm256_unpackhi_epi8(A, B);
+      __m512i w0 = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x20));  // rows 0..15
+      __m512i w1 = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(lo, hi, 0x31));  // rows 16..31
+      __m512bh r0 = (__m512bh)_mm512_ternarylogic_epi32(w0, m0f, b43, 0xEA);  // (a & b) | c
+      __m512bh r1 = (__m512bh)_mm512_ternarylogic_epi32(w1, m0f, b43, 0xEA);
+      __m512bh r2 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w0, 4), b43);   // rows 32..47
+      __m512bh r3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w1, 4), b43);   // rows 48..63
+      for (int m = 0; m < MT; ++m) {
+        int32_t pair; std::memcpy(&pair, x + m * K + k, 4);
+        __m512bh xp = (__m512bh)_mm512_set1_epi32(pair);
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], r0, xp);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], r1, xp);
+        acc[m][2] = _mm512_dpbf16_ps(acc[m][2], r2, xp);
+        acc[m][3] = _mm512_dpbf16_ps(acc[m][3], r3, xp);
+      }
+    }
+    // acc = sum x * (128 + q); sum x * w = s * acc + (z - 136 s) * sum x
+    for (int j = 0; j < 4; ++j) {
+      __m512i v = _mm512_loadu_si512((const void*)(sz + (gi * N + n0 + 16 * j) * 2));
+      __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+      __m512 c = _mm512_fnmadd_ps(_mm512_set1_ps(136.f), s, z);
+      for (int m = 0; m < MT; ++m) {
+        float* yp = y + m * N + n0 + 16 * j;
+        __m512 o = _mm512_loadu_ps(yp);
+        o = _mm512_fmadd_ps(s, acc[m][j], o);
+        o = _mm512_fmadd_ps(c, _mm512_set1_ps(xs[m * G + gi]), o);
+        _mm512_storeu_ps(yp, o);
+      }
+    }
+  }
+}
+#endif
+
+static void gemm_rows_scalar(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed,
+                             const uint16_t* sz, int64_t N, int64_t g, int64_t r0, int64_t r1,
+                             float* y) {
+  const int64_t nfull = N / 64 * 64, tail = N - nfull;
+  std::vector<float> xf(K);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) xf[k] = bf16f(x[m * K + k]);
+    for (int64_t n = r0; n < r1; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        int q;
+        if (n < nfull) {
+          int64_t b = n / 64, j = n % 64;
+          uint8_t byte = packed[b * K * 32 + k * 32 + (j % 32)];
+          q = j < 32 ? (byte & 15) : (byte >> 4);
+        } else {
+          int64_t j = n - nfull;
+          uint8_t byte = packed[nfull * K / 2 + k * (tail / 2) + j / 2];
+          q = (j % 2 == 0) ? (byte & 15) : (byte >> 4);
+        }
+        const uint16_t* p = sz + ((k / g) * N + n) * 2;
+        acc += xf[k] * ((q - 8) * bf16f(p[0]) + bf16f(p[1]));
+      }
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+torch::Tensor int4pack_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, int64_t g) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: bf16 [M, K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3, "sz: bf16 [K/g, N, 2]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), G = K / g;
+  TORCH_CHECK(packed.size(1) * 2 == K && K % g == 0 && g % 2 == 0 && sz.size(0) == G && sz.size(1) == N,
+              "int4pack_gemm: shape mismatch");
+  auto y = torch::zeros({M, N}, x.options().dtype(at::kFloat));
+  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nfull = N / 64 * 64;
+#ifdef LOWBIT_AVX512BF16
+  std::vector<float> xs(M * G, 0.f);  // group sums of the bf16 activations
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      float s = 0.f;
+      for (int64_t k = gi * g; k < (gi + 1) * g; ++k) s += bf16f(xp[m * K + k]);
+      xs[m * G + gi] = s;
+    }
+  at::parallel_for(0, nfull / 64, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* pb = pp + b * K * 32;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mt = std::min<int64_t>(4, M - m0);
+        const uint16_t* xm = xp + m0 * K;
+        const float* xsm = xs.data() + m0 * G;
+        float* ym = yp + m0 * N;
+        switch (mt) {
+          case 1: gemm_block<1>(xm, K, pb, sp, N, b * 64, g, xsm, ym); break;
+          case 2: gemm_block<2>(xm, K, pb, sp, N, b * 64, g, xsm, ym); break;
+          case 3: gemm_block<3>(xm, K, pb, sp, N, b * 64, g, xsm, ym); break;
+          default: gemm_block<4>(xm, K, pb, sp, N, b * 64, g, xsm, ym); break;
+        }
+      }
+    }
+  });
+  if (nfull < N) gemm_rows_scalar(xp, M, K, pp, sp, N, g, nfull, N, yp);
+#else
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    gemm_rows_scalar(xp, M, K, pp, sp, N, g, r0, r1, yp);
+  });
+#endif
+  return y;
+}
+
+// out bf16 [K, 64 * (b1 - b0)] = W^T of rows 64*b0 .. 64*b1 (full blocks only)
+void int4pack_dequant_t(torch::Tensor packed, torch::Tensor sz, int64_t g, int64_t b0, int64_t b1,
+                        torch::Tensor out) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous(), "sz: bf16");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous(), "out: bf16 contiguous");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / g, nc = 64 * (b1 - b0);
+  TORCH_CHECK(b0 >= 0 && b1 <= N / 64 && b0 < b1 && out.size(0) == K && out.size(1) == nc,
+              "int4pack_dequant_t: bad block range or out shape");
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  uint16_t* op = (uint16_t*)out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t gi = g0; gi < g1; ++gi)
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* pb = pp + b * K * 32;
+#ifdef LOWBIT_AVX512BF16
+        __m512 s[4], c[4];
+        const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+        for (int j = 0; j < 4; ++j) {
+          __m512i v = _mm512_loadu_si512((const void*)(sp + (gi * N + b * 64 + 16 * j) * 2));
+          s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+          c[j] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s[j],
+                                  _mm512_castsi512_ps(_mm512_and_si512(v, hi16)));
+        }
+        const __m256i m0f = _mm256_set1_epi8(0x0F);
+        for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
+          __m256i A = _mm256_loadu_si256((const __m256i*)(pb + k * 32));
+          __m256i lo = _mm256_and_si256(A, m0f);
+          __m256i hi = _mm256_and_si256(_mm256_srli_epi16(A, 4), m0f);
+          __m128i parts[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                              _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+          uint16_t* row = op + k * nc + (b - b0) * 64;
+          for (int j = 0; j < 4; ++j) {
+            __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[j]));
+            __m256bh w = _mm512_cvtneps_pbh(_mm512_fmadd_ps(q, s[j], c[j]));
+            _mm256_storeu_si256((__m256i*)(row + 16 * j), (__m256i)w);
+          }
+        }
+#else
+        for (int64_t k = gi * g; k < (gi + 1) * g; ++k)
+          for (int j = 0; j < 64; ++j) {
+            uint8_t byte = pb[k * 32 + (j % 32)];
+            int q = j < 32 ? (byte & 15) : (byte >> 4);
+            const uint16_t* p = sp + (gi * N + b * 64 + j) * 2;
+            float s = bf16f(p[0]);
+            op[k * nc + (b - b0) * 64 + j] = f2bf16(q * s + (bf16f(p[1]) - 8.f * s));
+          }
+#endif
+      }
+  });
+}
+
+bool has_avx512bf16() {
+#ifdef LOWBIT_AVX512BF16
+  return true;
+#else
+  return false;
+#endif
+}
+"""
+
+_FUNCTIONS = ["int4pack_gemm", "int4pack_dequant_t", "has_avx512bf16"]
+_failed_once = False
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    tag = hashlib.sha256((_SOURCE + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("LOWBIT_CACHE", "~/.cache/lowbit")).expanduser()
+    return root / "ext" / f"wint_{tag}"
+
+
+def enabled() -> bool:
+    return os.environ.get(EXT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    from torch.utils.cpp_extension import load_inline
+
+    d = build_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return load_inline(
+        name=f"lowbit_{d.name}",
+        cpp_sources=_SOURCE,
+        functions=_FUNCTIONS,
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(d),
+        verbose=False,
+    )
+
+
+def load():
+    """The compiled module, or None (disabled, or the build failed: warned once)."""
+    global _failed_once
+    if not enabled() or _failed_once:
+        return None
+    try:
+        return _load()
+    except Exception as e:  # no compiler, no ninja, a compile error: fall back to torch ops
+        _failed_once = True
+        warnings.warn(f"lowbit: C++ wint kernels unavailable, using torch ops ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e})", RuntimeWarning, stacklevel=2)
+        return None

@@ -1,0 +1,480 @@
+"""Weight-only quantized GEMM: ``y = x @ dequantize(q, scales, zeros).T + bias``.
+
+Canonical weight (what packed modules store and checkpoints hold)::
+
+    q       [N, K]       integer codes in [0, 2**bits)
+    scales  [N, K // G]  float
+    zeros   [N, K // G]  float, integer-valued, in code units (symmetric: 2**(bits-1))
+    W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]
+
+``prepare_wint`` turns it once into the runtime tensors of the fast backends (a flat
+``dict[str, Tensor]`` a module can register as buffers); ``wint_gemm`` picks a backend by the
+number of tokens and runs it. Nothing here holds state.
+
+Backends (all compute with bf16 activations except ``ref``):
+
+- ``ref``: dequantize in float32 and ``F.linear`` (exact; the test oracle).
+- ``int4pack``: ``aten._weight_int4pack_mm_for_cpu`` for bits <= 4 (2- and 3-bit codes are
+  4-bit codes too). Group sizes 32/64/128/256; a larger group (per-channel included) runs as
+  the largest of those dividing it, with its scale repeated. Needs N % 16 == 0.
+- ``int8pack``: ``aten._weight_int8pack_mm`` for per-channel weights (bits 5..8). Codes are
+  stored as ``q - zeros`` when that fits int8, else as ``q - 128`` with the asymmetric part
+  added back exactly as a rank-1 term ``x.sum(-1) * (128 - zeros) * scales``. Needs
+  K % 16 == 0 (torch 2.13 reads out of bounds otherwise).
+- ``dequant``: dequantize N-chunks of the weight to bf16 and run a bf16 GEMM per chunk (chunks
+  stay in cache and reuse one buffer). Reads whichever compact form ``prepare_wint`` kept: int8
+  codes (fastest), the int8pack weight, or the int4pack nibbles (no extra memory, slower).
+
+The weight-only ops are GEMV-style kernels: fast for a few tokens (bandwidth-bound decode),
+about 3x slower than a bf16 GEMM for hundreds of tokens (compute-bound prefill). ``auto``
+switches at ``INT4PACK_MAX_M`` / ``INT8PACK_MAX_M`` tokens (figures next to the constants).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import GroupSizeError, SpecError
+from lowbit.kernels import _wint_cpp
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "INT4PACK_MAX_M",
+    "INT4CPP_MAX_M",
+    "INT8PACK_MAX_M",
+    "wint_gemm_ref",
+    "prepare_wint",
+    "select_backend",
+    "available_backends",
+    "wint_gemm",
+]
+
+BACKENDS = ("ref", "int4pack", "int4cpp", "int8pack", "dequant")
+BACKEND_ENV = "LOWBIT_WINT_BACKEND"  # force a backend (tests, benchmarks); "auto" or unset: dispatch
+
+# Largest token count M (rows of x) for which ``auto`` uses the weight-only op; above it,
+# dequantize + bf16 GEMM. Measured on the 2-core AMD EPYC (Zen4, avx512_bf16, no AMX) dev
+# machine, torch 2.13, 2 threads; see bench/kernels.py and the THRESHOLD notes below.
+INT4PACK_MAX_M = 16
+INT4CPP_MAX_M = 64
+INT8PACK_MAX_M = 8
+
+# int4pack group sizes accepted by aten._weight_int4pack_mm_for_cpu (torch 2.13).
+INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
+# bf16 bytes of weight dequantized per chunk on the dequant path (fits L2 with the codes).
+DEQUANT_CHUNK_BYTES = 2 * 1024 * 1024
+
+_BF16 = torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------
+# reference
+
+
+def _expand_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K // G] -> [N, K] float32."""
+    return t.float().repeat_interleave(group_size, dim=1)
+
+
+def _check_canonical(q, scales, zeros, group_size) -> tuple[int, int]:
+    if q.dim() != 2:
+        raise SpecError(f"wint: q must be 2-D [out, in], got shape {tuple(q.shape)}")
+    if q.is_floating_point() or q.is_complex():
+        raise SpecError(f"wint: q must hold integer codes, got {q.dtype}")
+    n, k = q.shape
+    if group_size <= 0 or k % group_size:
+        raise GroupSizeError(f"wint: group size {group_size} does not divide in_features {k}")
+    want = (n, k // group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != want:
+            raise SpecError(f"wint: {name} must have shape {want}, got {tuple(t.shape)}")
+    return n, k
+
+
+def wint_gemm_ref(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize in float32 and ``F.linear``; output in x's dtype. The reference of every backend."""
+    _check_canonical(q, scales, zeros, group_size)
+    w = (q.float() - _expand_groups(zeros, group_size)) * _expand_groups(scales, group_size)
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), w, b).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# preparation
+
+
+def _int4pack_group(group_size: int) -> int | None:
+    """Largest op-accepted group size dividing ``group_size`` (None if there is none)."""
+    for g in INT4PACK_GROUP_SIZES:
+        if group_size % g == 0:
+            return g
+    return None
+
+
+def _int4pack_refusal(n: int, k: int, bits: int, group_size: int) -> str | None:
+    if bits > 4:
+        return f"{bits}-bit codes do not fit 4 bits"
+    if _int4pack_group(group_size) is None:
+        return f"group size {group_size} is not a multiple of 32"
+    if n % 16:
+        return f"out_features {n} is not a multiple of 16"
+    return None
+
+
+def _int8pack_refusal(n: int, k: int, bits: int, group_size: int) -> str | None:
+    if group_size != k:
+        return f"group size {group_size} is not per-channel (in_features {k})"
+    if k % 16:
+        return f"in_features {k} is not a multiple of 16"
+    return None
+
+
+def _int8_codes(q: torch.Tensor, zeros_full: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int8 codes c and optional per-group offset o with W = (c + o_code) * s exactly.
+
+    ``q - zeros`` when it fits int8 (always for bits <= 7 with zeros in range): no offset.
+    Else ``q - 128`` and offset ``(128 - zeros) * scales`` (float32, [N, K // G]).
+    """
+    d = q.float() - zeros_full
+    if d.min() >= -128 and d.max() <= 127:
+        return d.to(torch.int8), None
+    return (q.to(torch.int16) - 128).to(torch.int8), (128.0 - zeros.float()) * scales.float()
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes [N, K] uint8 from ``aten._convert_weight_to_int4pack_for_cpu`` output [N, K // 2].
+
+    torch 2.13 layout: blocks of 64 rows stored as [K, 32] bytes (low nibble row j, high nibble
+    row 32 + j); a tail of 16/32/48 rows as [K, tail // 2] bytes (low even row, high odd row).
+    ``prepare_wint`` checks this against the op before relying on it.
+    """
+    flat = packed.reshape(-1)
+    out = torch.empty(n, k, dtype=torch.uint8)
+    nfull = n // 64 * 64
+    if nfull:
+        b = flat[: nfull * k // 2].view(nfull // 64, k, 32)
+        out[:nfull] = torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(nfull, k)
+    tail = n - nfull
+    if tail:
+        t = flat[nfull * k // 2 :].view(k, tail // 2)
+        out[nfull:] = torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).t()
+    return out
+
+
+def prepare_wint(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    backends: str | Iterable[str] = "auto",
+) -> dict[str, torch.Tensor]:
+    """Runtime tensors for the fast backends, from the canonical weight.
+
+    ``backends``: ``"auto"`` (the weight-only op that fits, int4pack for bits <= 4 or int8pack
+    for per-channel bits 5..8, plus int8 dequant codes unless the op's own weight can feed the
+    dequant path cheaply), or an iterable of names from ``BACKENDS``. Naming a backend the
+    weight cannot use raises ``SpecError``. The result holds only tensors (flat keys), so a
+    module can register them as buffers.
+    """
+    n, k = _check_canonical(q, scales, zeros, group_size)
+    if not 2 <= bits <= 8:
+        raise SpecError(f"wint: bits must be in 2..8, got {bits}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2**bits):
+        raise SpecError(f"wint: codes must lie in [0, {2**bits}) for {bits} bits")
+    zf = zeros.float()
+    if not torch.equal(zf, zf.round()):
+        raise SpecError("wint: zeros must be integer-valued (code units)")
+
+    auto = isinstance(backends, str) and backends == "auto"
+    if auto:
+        wanted: set[str] = set()
+    else:
+        wanted = {backends} if isinstance(backends, str) else set(backends)
+        unknown = wanted - set(BACKENDS)
+        if unknown:
+            raise SpecError(f"wint: unknown backend(s) {sorted(unknown)}; choose from {BACKENDS}")
+
+    out: dict[str, torch.Tensor] = {}
+    q = q.cpu()
+    scales_f = scales.detach().float().cpu()
+    zeros_f = zf.cpu()
+    zeros_full = _expand_groups(zeros_f, group_size)
+
+    if "ref" in wanted:
+        out["ref_q"] = q.to(torch.uint8) if bits <= 8 else q
+        out["ref_scales"] = scales_f.clone()
+        out["ref_zeros"] = zeros_f.clone()
+
+    # int4pack -------------------------------------------------------------------------
+    why4 = _int4pack_refusal(n, k, bits, group_size)
+    if "int4pack" in wanted and why4:
+        raise SpecError(f"wint: int4pack cannot run this weight: {why4}")
+    int4_dequant_ok = False
+    if (auto or "int4pack" in wanted) and why4 is None:
+        g = _int4pack_group(group_size)
+        rep = group_size // g
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        s = scales_f.repeat_interleave(rep, dim=1)  # [N, K // g]
+        z = zeros_f.repeat_interleave(rep, dim=1)
+        # op convention: w = (q - 8) * scale + zero'  =>  zero' = (8 - z) * s
+        sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(_BF16)
+        out["int4pack_weight"] = packed  # [N, K // 2] uint8, torch's private layout
+        out["int4pack_scales_zeros"] = sz  # [K // g, N, 2] bf16
+        # the dequant path can read the nibbles back if torch's layout is the one we know
+        int4_dequant_ok = torch.equal(unpack_int4pack(packed, n, k), q.to(torch.uint8))
+
+    # int8 codes (int8pack weight and/or dequant codes) --------------------------------
+    why8 = _int8pack_refusal(n, k, bits, group_size)
+    if "int8pack" in wanted and why8:
+        raise SpecError(f"wint: int8pack cannot run this weight: {why8}")
+    use8 = ("int8pack" in wanted) or (auto and bits > 4 and why8 is None)
+    want_codes = "dequant" in wanted or (auto and not use8 and not int4_dequant_ok)
+    if use8 or want_codes:
+        codes, offset = _int8_codes(q, zeros_full, scales_f, zeros_f, group_size)
+    if use8:
+        out["int8pack_weight"] = codes  # [N, K] int8
+        out["int8pack_scales"] = scales_f[:, 0].to(_BF16)  # [N]
+        if offset is not None:
+            out["int8pack_offset"] = offset[:, 0].contiguous()  # [N] fp32, times x.sum(-1)
+    if want_codes and not use8:
+        out["dequant_codes"] = codes  # [N, K] int8
+        out["dequant_scales"] = scales_f.to(_BF16)  # [N, K // G]
+        if offset is not None:
+            out["dequant_offset"] = offset.to(_BF16)  # [N, K // G]
+    if not out:
+        raise SpecError("wint: no backend prepared")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# dispatch
+
+
+def available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """Backends the prepared tensors can run, in ``BACKENDS`` order."""
+    have = []
+    if "ref_q" in prepared:
+        have.append("ref")
+    if "int4pack_weight" in prepared:
+        have.append("int4pack")
+        if _wint_cpp.load() is not None:
+            have.append("int4cpp")
+    if "int8pack_weight" in prepared:
+        have.append("int8pack")
+    if _dequant_source(prepared) is not None:
+        have.append("dequant")
+    return tuple(have)
+
+
+def _dequant_source(prepared: Mapping[str, torch.Tensor]) -> str | None:
+    if "dequant_codes" in prepared:
+        return "codes"
+    if "int8pack_weight" in prepared:
+        return "int8pack"
+    if "int4pack_weight" in prepared:
+        return "int4pack"
+    return None
+
+
+def select_backend(m: int, prepared: Mapping[str, torch.Tensor], backend: str = "auto") -> str:
+    """Backend ``wint_gemm`` runs for ``m`` rows of activations.
+
+    An explicit ``backend`` wins, then the ``LOWBIT_WINT_BACKEND`` environment variable, then
+    ``auto``: the weight-only op up to its ``*_MAX_M`` tokens, dequantize + bf16 GEMM above.
+    """
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    have = available_backends(prepared)
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise SpecError(f"wint: unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
+        if backend not in have:
+            raise SpecError(f"wint: backend {backend!r} was not prepared (have {have})")
+        return backend
+    if "int4cpp" in have and m <= INT4CPP_MAX_M:
+        return "int4cpp"
+    if "int4pack" in have and m <= INT4PACK_MAX_M:
+        return "int4pack"
+    if "int8pack" in have and m <= INT8PACK_MAX_M:
+        return "int8pack"
+    if "dequant" in have:
+        return "dequant"
+    return have[0]
+
+
+def _run_ref(x2, p, bias):
+    n, k = p["ref_q"].shape
+    g = k // p["ref_scales"].shape[1]
+    return wint_gemm_ref(x2, p["ref_q"], p["ref_scales"], p["ref_zeros"], g, bias)
+
+
+def _run_int4pack(x2, p, bias):
+    w, sz = p["int4pack_weight"], p["int4pack_scales_zeros"]
+    g = 2 * w.shape[1] // sz.shape[0]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(_BF16).contiguous(), w, g, sz)
+    y = y.to(x2.dtype)
+    return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+def _run_int4cpp(x2, p, bias):
+    ext = _wint_cpp.load()
+    w, sz = p["int4pack_weight"], p["int4pack_scales_zeros"]
+    g = 2 * w.shape[1] // sz.shape[0]
+    y = ext.int4pack_gemm(x2.to(_BF16).contiguous(), w, sz, g)  # fp32 [M, N]
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x2.dtype)
+
+
+def _run_int8pack(x2, p, bias):
+    xb = x2.to(_BF16).contiguous()
+    y = torch.ops.aten._weight_int8pack_mm(xb, p["int8pack_weight"], p["int8pack_scales"])
+    off = p.get("int8pack_offset")
+    if off is None:
+        y = y.to(x2.dtype)
+        return y if bias is None else y.add_(bias.to(y.dtype))
+    # exact asymmetric part: sum_k x[m, k] * (128 - z[n]) * s[n]  (rank 1), added in fp32
+    y = torch.addcmul(y.float(), xb.float().sum(-1, keepdim=True), off)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x2.dtype)
+
+
+def _chunk_rows(k: int, align: int) -> int:
+    rows = max(align, DEQUANT_CHUNK_BYTES // (2 * k) // align * align)
+    return rows
+
+
+def _dequant_linear_codes(xb, codes, scales, offset):
+    """bf16 [M, N] from int8 codes [N, K] and bf16 scales (+ offsets) [N, K // G]."""
+    n, k = codes.shape
+    ng = scales.shape[1]
+    rows = min(n, _chunk_rows(k, 16))
+    buf = torch.empty(rows, k, dtype=_BF16)
+    outs = []
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = buf[: n1 - n0]
+        w.copy_(codes[n0:n1])
+        wg = w.view(n1 - n0, ng, k // ng)
+        wg.mul_(scales[n0:n1, :, None])
+        if offset is not None:
+            wg.add_(offset[n0:n1, :, None])
+        outs.append(F.linear(xb, w))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _int4pack_scale_offset(sz, cols):
+    """bf16 s, c [K // g, 1, cols] with W = q * s + c, from the op's (scale, zero) pairs."""
+    s = sz[:, cols, 0].float()
+    c = sz[:, cols, 1].float() - 8.0 * s
+    return s.to(_BF16)[:, None, :], c.to(_BF16)[:, None, :]
+
+
+def _dequant_linear_int4pack(xb, packed, sz, n):
+    """bf16 [M, N] from int4pack nibbles, dequantized per chunk as W^T [K, rows] (no extra memory).
+
+    With the C++ extension one pass per chunk; without it, torch ops (about 4x the codes path).
+    """
+    k = packed.shape[1] * 2
+    ng = sz.shape[0]
+    g = k // ng
+    flat = packed.reshape(-1)
+    nfull = n // 64 * 64
+    nblk = nfull // 64
+    outs = []
+    if nblk:
+        nb = min(nblk, max(1, _chunk_rows(k, 64) // 64))
+        wflat = torch.empty(k * nb * 64, dtype=_BF16)
+        ext = _wint_cpp.load()
+        if ext is None:
+            pb = flat[: nfull * k // 2].view(nblk, k, 32)
+            u = torch.empty(k, nb, 2, 32, dtype=torch.uint8)
+        for b0 in range(0, nblk, nb):
+            b1 = min(nblk, b0 + nb)
+            cb = b1 - b0
+            wt = wflat[: k * cb * 64].view(k, cb * 64)
+            if ext is not None:
+                ext.int4pack_dequant_t(packed, sz, g, b0, b1, wt)
+            else:
+                src = pb[b0:b1].transpose(0, 1)  # [K, cb, 32]
+                uu = u[:, :cb]
+                torch.bitwise_and(src, 15, out=uu[:, :, 0])  # rows 64b + j
+                torch.bitwise_right_shift(src, 4, out=uu[:, :, 1])  # rows 64b + 32 + j
+                wt.copy_(uu.reshape(k, cb * 64))
+                s, c = _int4pack_scale_offset(sz, slice(b0 * 64, b1 * 64))
+                wt.view(ng, g, cb * 64).mul_(s).add_(c)
+            outs.append(xb @ wt)
+    if n > nfull:  # tail of 16/32/48 rows: [K, tail // 2] bytes, low nibble even row
+        tail = n - nfull
+        t = flat[nfull * k // 2 :].view(k, tail // 2)
+        wt = torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).to(_BF16)
+        s, c = _int4pack_scale_offset(sz, slice(nfull, n))
+        wt.view(ng, g, tail).mul_(s).add_(c)
+        outs.append(xb @ wt)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _run_dequant(x2, p, bias, n):
+    xb = x2.to(_BF16)
+    src = _dequant_source(p)
+    if src == "codes":
+        y = _dequant_linear_codes(xb, p["dequant_codes"], p["dequant_scales"], p.get("dequant_offset"))
+    elif src == "int8pack":
+        off = p.get("int8pack_offset")
+        y = _dequant_linear_codes(xb, p["int8pack_weight"], p["int8pack_scales"][:, None],
+                                  None if off is None else off[:, None].to(_BF16))
+    else:
+        y = _dequant_linear_int4pack(xb, p["int4pack_weight"], p["int4pack_scales_zeros"], n)
+    y = y.to(x2.dtype)
+    return y if bias is None else y.add_(bias.to(y.dtype))
+
+
+def wint_gemm(
+    x: torch.Tensor,
+    prepared: Mapping[str, torch.Tensor],
+    *,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x [..., K] @ W.T + bias`` -> ``[..., out_features]`` in x's dtype.
+
+    ``backend``: ``"auto"`` (by token count, see ``select_backend``) or one of ``BACKENDS``.
+    Fast backends compute with bf16 activations and fp32 accumulation.
+    """
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    name = select_backend(m, prepared, backend)
+    if m == 0:
+        return x.new_zeros(*lead, out_features)
+    if name == "ref":
+        y = _run_ref(x2, prepared, bias)
+    elif name == "int4pack":
+        y = _run_int4pack(x2, prepared, bias)
+    elif name == "int4cpp":
+        y = _run_int4cpp(x2, prepared, bias)
+    elif name == "int8pack":
+        y = _run_int8pack(x2, prepared, bias)
+    else:
+        y = _run_dequant(x2, prepared, bias, out_features)
+    if y.shape[-1] != out_features:
+        raise SpecError(f"wint: prepared weight has {y.shape[-1]} outputs, expected {out_features}")
+    return y.reshape(*lead, out_features)

@@ -1,0 +1,20 @@
+"""The math of quantization, knowing nothing about models or modules.
+
+`QuantSpec` says what to quantize to; `choose_qparams` / `quantize` / `dequantize` /
+`fake_quantize` do it; observers pick qparams from data; codebooks hold non-linear grids; `pack` /
+`unpack` store codes densely.
+"""
+
+from .codebooks import NF4_CODEBOOK, kmeans_codebook
+from .observers import MinMaxObserver, MSEObserver, PercentileObserver, mse_clip_search
+from .packing import pack, packed_nbytes, unpack
+from .primitives import QParams, choose_qparams, dequantize, fake_quantize, quantize, quantize_dequantize
+from .spec import Granularity, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, check_group_size
+
+__all__ = [
+    "QuantSpec", "Granularity", "PerTensor", "PerChannel", "PerGroup", "PerToken", "check_group_size",
+    "QParams", "choose_qparams", "quantize", "dequantize", "quantize_dequantize", "fake_quantize",
+    "MinMaxObserver", "PercentileObserver", "MSEObserver", "mse_clip_search",
+    "NF4_CODEBOOK", "kmeans_codebook",
+    "pack", "unpack", "packed_nbytes",
+]

@@ -1,0 +1,80 @@
+"""Named presets as YAML, and the loader that turns a preset into algorithm objects."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..algorithms import ALGORITHMS
+from ..errors import LowbitError, SpecError
+from ..quant import PerChannel, PerGroup, QuantSpec
+
+
+class RecipeError(LowbitError):
+    """A recipe name that does not exist, or a YAML file that does not describe a recipe."""
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    weights: QuantSpec
+    steps: list[dict] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+
+    def build(self) -> list:
+        algs = []
+        for step in self.steps:
+            step = dict(step)
+            method = step.pop("method", None)
+            if method not in ALGORITHMS:
+                raise RecipeError(f"recipe {self.name}: unknown method {method!r} (known: {', '.join(sorted(ALGORITHMS))})")
+            algs.append(ALGORITHMS[method](self.weights, **step))
+        return algs
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "weights": self.weights.to_dict(), "steps": self.steps}
+
+
+def available() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
+
+
+def weight_spec(bits: int, symmetric: bool, group_size: int) -> QuantSpec:
+    gran = PerChannel() if group_size in (-1, 0, None) else PerGroup(int(group_size))
+    return QuantSpec(bits=int(bits), symmetric=bool(symmetric), granularity=gran)
+
+
+def load_recipe(name_or_path: str | Path, *, bits: int | None = None, group_size: int | None = None,
+                symmetric: bool | None = None) -> Recipe:
+    """A preset by name (`w4a16-rtn`) or a YAML file; keyword overrides replace the weight settings."""
+    p = Path(str(name_or_path))
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        text = p.read_text()
+    else:
+        res = resources.files(__name__) / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise RecipeError(f"no recipe {name_or_path!r}; presets: {', '.join(available())}, or a path to a .yaml file")
+        text = res.read_text()
+    try:
+        d = yaml.safe_load(text)
+        w = dict(d.get("weights") or {})
+        if bits is not None:
+            w["bits"] = bits
+        if group_size is not None:
+            w["group_size"] = group_size
+        if symmetric is not None:
+            w["symmetric"] = symmetric
+        spec = weight_spec(w.get("bits", 4), w.get("symmetric", False), w.get("group_size", 128))
+        spec = dataclasses.replace(spec, **{k: w[k] for k in ("dtype", "observer") if k in w})
+        name = d.get("name", p.stem)
+        if bits is not None or group_size is not None or symmetric is not None:
+            name = f"{name} ({spec})"
+        return Recipe(name=name, description=d.get("description", ""), weights=spec,
+                      steps=list(d.get("steps") or [{"method": "rtn"}]), calibration=dict(d.get("calibration") or {}))
+    except (yaml.YAMLError, AttributeError, TypeError, KeyError) as e:
+        raise RecipeError(f"recipe {name_or_path}: not a valid recipe ({e})") from e

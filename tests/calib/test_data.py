@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lowbit import calib
+from lowbit.errors import CalibrationError
+
+from ..conftest import WIKI_VALID
+
+
+class CharTokenizer:
+    """One token per character: enough to test windowing without a real tokenizer."""
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+        class Out:
+            input_ids = torch.tensor([[ord(c) % 256 for c in text]])
+        return Out()
+
+
+def test_samples_are_seeded_windows_of_the_text():
+    text = "".join(chr(97 + i % 26) for i in range(5000))
+    src = calib.texts([text], n_samples=6, seqlen=32, seed=3)
+    a = src.samples(CharTokenizer())
+    b = src.samples(CharTokenizer())
+    assert a.shape == (6, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, calib.texts([text], n_samples=6, seqlen=32, seed=4).samples(CharTokenizer()))
+    ids = CharTokenizer()(text).input_ids[0]
+    slices = ids.unfold(0, 32, 1)  # every contiguous 32-token slice of the text
+    for row in a:
+        assert (slices == row).all(dim=1).any()
+
+
+def test_overrides_change_count_and_length():
+    src = calib.texts(["x" * 1000])
+    assert src.samples(CharTokenizer(), n_samples=3, seqlen=10).shape == (3, 10)
+
+
+@pytest.mark.parametrize("text", ["", "   \n\n  "])
+def test_empty_text_is_refused(text):
+    with pytest.raises(CalibrationError, match="empty"):
+        calib.texts([text]).samples(CharTokenizer())
+
+
+def test_short_text_is_refused_with_the_token_count():
+    with pytest.raises(CalibrationError, match="too short"):
+        calib.texts(["abc"], seqlen=512).samples(CharTokenizer())
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        calib.text_file(tmp_path / "nope.txt").samples(CharTokenizer())
+
+
+@pytest.mark.skipif(not WIKI_VALID.exists(), reason="../shared/data not beside the checkout")
+def test_wikitext_validation_file_gives_samples():
+    s = calib.text_file(WIKI_VALID, n_samples=4, seqlen=64).samples(CharTokenizer())
+    assert s.shape == (4, 64)

@@ -1,0 +1,73 @@
+"""The block-sequential runner must feed each block exactly what the model would."""
+
+import pytest
+import torch
+
+from lowbit.algorithms import Algorithm
+from lowbit.calib import BlockRunner
+from lowbit.models import get_adapter, get_module
+
+from ..conftest import tiny_model
+
+
+class Recorder(Algorithm):
+    """Keeps each block's output computed from the runner's inputs."""
+
+    def __init__(self):
+        self.outputs = {}
+        self.seen_linears = {}
+
+    def quantize_block(self, ctx):
+        self.outputs[ctx.index] = torch.cat(ctx.forward())
+        self.seen_linears[ctx.index] = sorted(ctx.linears)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen2", "opt", "gpt2", "gpt_neox"])
+def test_runner_reproduces_the_models_hidden_states(model_type):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True).hidden_states
+        rec = Recorder()
+        BlockRunner(model, adapter, ids, batch_size=2, progress=False).run([rec])
+    n = len(rec.outputs)
+    assert n == model.config.num_hidden_layers
+    # hidden_states[i + 1] is the output of block i, except the last, which HF reports after the final norm
+    for i in range(n - 1):
+        torch.testing.assert_close(rec.outputs[i], ref[i + 1], rtol=1e-4, atol=1e-4)
+    final_norm = get_module(model, adapter.final_norm)
+    torch.testing.assert_close(final_norm(rec.outputs[n - 1]), ref[n], rtol=1e-4, atol=1e-4)
+    assert rec.seen_linears[0] == sorted(adapter.linears)
+
+
+def test_runner_without_data_still_visits_every_block(tiny_llama):
+    seen = []
+
+    class Visit(Algorithm):
+        requires_calibration = False
+
+        def quantize_block(self, ctx):
+            assert not ctx.has_data
+            seen.append(ctx.name)
+
+    BlockRunner(tiny_llama, get_adapter(tiny_llama), None, progress=False).run([Visit()])
+    assert seen == ["model.layers.0", "model.layers.1"]
+
+
+def test_next_block_sees_the_quantized_outputs(tiny_llama):
+    """After block 0 is changed, block 1 must receive the changed block 0's outputs."""
+    model = tiny_llama
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    got = {}
+
+    class ZeroFirstBlockMLP(Algorithm):
+        def quantize_block(self, ctx):
+            if ctx.index == 0:
+                ctx.block.mlp.down_proj.weight.zero_()
+            got[ctx.index] = torch.cat([h for h, _ in ctx.inputs()])
+
+    with torch.no_grad():
+        BlockRunner(model, get_adapter(model), ids, progress=False).run([ZeroFirstBlockMLP()])
+        expected = model(ids, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(got[1], expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,110 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import CalibrationError
+from lowbit.eval import evaluate, load_windows
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 characters, one token each
+
+
+def test_windows_are_consecutive_without_bos(tokenizer):
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    w = load_windows(tokenizer, TEXT, seqlen=32)
+    assert w.dtype == torch.long and w.shape == (len(ids) // 32, 32)
+    assert torch.equal(w.flatten(), ids[: w.numel()])
+
+
+def test_windows_with_bos_start_with_bos_and_skip_no_text(tokenizer):
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    w = load_windows(tokenizer, TEXT, seqlen=32, bos=True)
+    assert w.shape == (len(ids) // 31, 32)
+    assert (w[:, 0] == tokenizer.bos_token_id).all()
+    assert torch.equal(w[:, 1:].flatten(), ids[: w.shape[0] * 31])
+
+
+def test_windows_keeps_the_first_n(tokenizer):
+    all_windows = load_windows(tokenizer, TEXT, seqlen=32)
+    first = load_windows(tokenizer, TEXT, seqlen=32, windows=3)
+    assert torch.equal(first, all_windows[:3])
+
+
+def test_windows_reads_a_file(tokenizer, tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    assert torch.equal(load_windows(tokenizer, f, seqlen=32), load_windows(tokenizer, str(f), seqlen=32))
+    assert torch.equal(load_windows(tokenizer, f, seqlen=32), load_windows(tokenizer, TEXT, seqlen=32))
+
+
+def test_windows_errors(tokenizer):
+    with pytest.raises(CalibrationError, match="fewer than one window"):
+        load_windows(tokenizer, "short", seqlen=32)
+    with pytest.raises(CalibrationError, match="holds only"):
+        load_windows(tokenizer, TEXT, seqlen=32, windows=100)
+
+
+def _hand_nll(model, windows):
+    losses = []
+    with torch.no_grad():
+        for w in windows:
+            logits = model(w[None]).logits[0]
+            losses.append(F.cross_entropy(logits[:-1], w[1:], reduction="none"))
+    return torch.cat(losses).mean().item()
+
+
+def test_ppl_is_exp_of_cross_entropy(model, tokenizer):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
+    result = evaluate(model, windows, progress=False)
+    nll = _hand_nll(model, windows)
+    assert result["nll"] == pytest.approx(nll, rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert (result["windows"], result["seqlen"], result["tokens"]) == (4, 32, 4 * 31)
+    assert "kl" not in result
+
+
+def test_batching_does_not_change_the_result(model, tokenizer):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=5)
+    one = evaluate(model, windows, batch_size=1, progress=False)
+    uneven = evaluate(model, windows, batch_size=2, progress=False)
+    assert uneven["nll"] == pytest.approx(one["nll"], rel=1e-5)
+    assert uneven["tokens"] == one["tokens"]
+
+
+def test_kl_against_itself_is_zero(model, tokenizer):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=3)
+    result = evaluate(model, windows, ref_model=model, progress=False)
+    assert result["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert result["top1_agreement"] == 1.0
+
+
+def test_kl_against_a_perturbed_copy(model, tokenizer):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=3)
+    noisy = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    result = evaluate(noisy, windows, ref_model=model, progress=False)
+
+    with torch.no_grad():
+        lq = torch.cat([noisy(w[None]).logits[0, :-1] for w in windows]).log_softmax(-1)
+        lr = torch.cat([model(w[None]).logits[0, :-1] for w in windows]).log_softmax(-1)
+    kl = (lr.exp() * (lr - lq)).sum(-1).mean().item()
+    top1 = (lq.argmax(-1) == lr.argmax(-1)).float().mean().item()
+    assert result["kl"] > 0
+    assert result["kl"] == pytest.approx(kl, rel=1e-4)
+    assert result["top1_agreement"] == pytest.approx(top1)
+
+
+def test_evaluate_leaves_training_flags_alone(make_llama, tokenizer):
+    m = make_llama().train()
+    evaluate(m, load_windows(tokenizer, TEXT, seqlen=32, windows=1), progress=False)
+    assert all(mod.training for mod in m.modules())
+
+
+def test_evaluate_rejects_bad_windows(model):
+    with pytest.raises(CalibrationError):
+        evaluate(model, torch.zeros(2, 1, dtype=torch.long), progress=False)

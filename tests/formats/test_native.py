@@ -1,0 +1,98 @@
+"""lowbit's own checkpoint: exact round trip, atomic writes, refusal of bad files."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import CheckpointError, OutputExistsError
+from lowbit.nn import WQLinear
+
+from ..conftest import tiny_model, tiny_tokenizer
+
+
+def quantized(model_type="llama", recipe="w4a16-rtn", **kw):
+    model = tiny_model(model_type)
+    return lowbit.quantize(model, recipe, group_size=kw.pop("group_size", 32), progress=False, **kw)
+
+
+@pytest.mark.parametrize("model_type,recipe", [("llama", "w4a16-rtn"), ("gemma3_text", "w3a16-rtn"),
+                                               ("gpt2", "w8a16-rtn"), ("qwen2", "w4a16-rtn")])
+def test_round_trip_gives_identical_logits(tmp_path, model_type, recipe):
+    model = quantized(model_type, recipe, group_size=-1 if recipe == "w8a16-rtn" else 32)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = lowbit.save(model, tmp_path / "q", tokenizer=tiny_tokenizer())
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "lowbit" and len(cfg["modules"]) > 0
+    assert (out / "tokenizer.json").exists()
+    loaded = lowbit.load(out)
+    assert sum(isinstance(m, WQLinear) for m in loaded.modules()) == len(cfg["modules"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    model = quantized()
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="exists"):
+        lowbit.save(model, tmp_path / "q")
+    assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
+    lowbit.save(model, tmp_path / "q", overwrite=True)
+    assert not (tmp_path / "q" / "keep.txt").exists() and (tmp_path / "q" / "model.safetensors").exists()
+
+
+def test_failed_save_leaves_no_partial_output(tmp_path, monkeypatch):
+    model = quantized()
+    from lowbit.formats import native
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(native, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        lowbit.save(model, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_file_is_refused(tmp_path):
+    out = lowbit.save(quantized(), tmp_path / "q")
+    f = out / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        lowbit.load(out)
+
+
+def test_shape_mismatch_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = lowbit.save(quantized(), tmp_path / "q")
+    sd = load_file(out / "model.safetensors")
+    sd["model.layers.0.self_attn.q_proj.scales"] = torch.zeros(3, 3, dtype=torch.float16)
+    save_file(sd, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"q_proj\.scales.*shape"):
+        lowbit.load(out)
+
+
+def test_pickle_only_directory_is_refused_without_unpickling(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    tiny_model().config.save_pretrained(d)
+
+    class Bomb:
+        def __reduce__(self):
+            return (pytest.fail, ("the loader unpickled the file",))
+
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb()))
+    with pytest.raises(CheckpointError, match="unpickle"):
+        lowbit.load(d)
+
+
+def test_missing_directory_is_refused(tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        lowbit.load(tmp_path / "nowhere")

@@ -1,0 +1,303 @@
+"""wint_gemm: every backend against wint_gemm_ref, the dispatcher, the fallbacks."""
+
+import pytest
+import torch
+
+from lowbit.errors import GroupSizeError, SpecError
+from lowbit.kernels import wint
+from lowbit.kernels.wint import (
+    BACKEND_ENV,
+    INT4PACK_MAX_M,
+    INT8PACK_MAX_M,
+    available_backends,
+    prepare_wint,
+    select_backend,
+    unpack_int4pack,
+    wint_gemm,
+    wint_gemm_ref,
+)
+
+BF16_TOL = 1e-2  # relative to the output norm, bf16 activations and bf16 weights/scales
+
+
+def make_weight(n, k, bits, group_size, sym, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (n, k), generator=g)
+    scales = torch.rand(n, k // group_size, generator=g) * 0.02 + 0.002
+    if sym:
+        zeros = torch.full((n, k // group_size), float(2 ** (bits - 1)))
+    else:
+        zeros = torch.randint(0, 2**bits, (n, k // group_size), generator=g).float()
+    return q, scales, zeros
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def test_ref_matches_float64_dequantize():
+    q, s, z = make_weight(48, 96, 4, 32, sym=False)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    b = torch.randn(48)
+    w = (q.double() - z.double().repeat_interleave(32, 1)) * s.double().repeat_interleave(32, 1)
+    want = x @ w.t() + b.double()
+    got = wint_gemm_ref(x.float(), q, s, z, 32, b)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-6
+
+
+def test_ref_backend_is_exactly_the_reference():
+    q, s, z = make_weight(64, 128, 3, 64, sym=False)
+    p = prepare_wint(q, s, z, 3, 64, backends=("ref",))
+    x = torch.randn(2, 3, 128)
+    b = torch.randn(64)
+    assert torch.equal(wint_gemm(x, p, out_features=64, bias=b, backend="ref"), wint_gemm_ref(x, q, s, z, 64, b))
+
+
+# ---------------------------------------------------------------- every backend
+
+
+def _cases():
+    for bits in (2, 3, 4, 8):
+        for sym in (True, False):
+            for gname in ("32", "64", "128", "channel"):
+                yield bits, sym, gname
+
+
+def _applicable(bits, group_size, n, k):
+    names = ["ref", "dequant"]
+    if bits <= 4 and group_size % 32 == 0 and n % 16 == 0:
+        names.append("int4pack")
+    if group_size == k and k % 16 == 0:
+        names.append("int8pack")
+    return tuple(names)
+
+
+@pytest.mark.parametrize("bits,sym,gname", list(_cases()))
+def test_backends_match_reference(bits, sym, gname):
+    # K=576 (9 x 64: not a multiple of 128 or 256), N=112 (a 64-row block plus a 48-row tail)
+    n, k = 112, 576
+    if gname == "128":
+        k = 640
+    group_size = k if gname == "channel" else int(gname)
+    q, s, z = make_weight(n, k, bits, group_size, sym, seed=bits * 10 + group_size)
+    backends = _applicable(bits, group_size, n, k)
+    p = prepare_wint(q, s, z, bits, group_size, backends=backends)
+    assert set(available_backends(p)) == set(backends)
+    bias = torch.randn(n)
+    for m in (1, INT4PACK_MAX_M + 3):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, m, k).to(dtype)  # 3-D [B, T, K]
+            ref = wint_gemm_ref(x.float(), q, s, z, group_size, bias)
+            for name in backends:
+                y = wint_gemm(x, p, out_features=n, bias=bias, backend=name)
+                assert y.shape == (2, m, n) and y.dtype == dtype, name
+                tol = 1e-6 if name == "ref" and dtype == torch.float32 else BF16_TOL
+                assert rel_err(y, ref) < tol, (name, m, dtype, rel_err(y, ref))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8pack_asymmetric_correction_is_exact(sym):
+    # q - 128 stored, (128 - z) * s added back as a rank-1 term: matches the reference up to
+    # bf16 rounding of the output alone when the activations are already bf16.
+    n, k = 96, 256
+    q, s, z = make_weight(n, k, 8, k, sym, seed=3)
+    p = prepare_wint(q, s, z, 8, k, backends=("int8pack",))
+    assert ("int8pack_offset" in p) == (not sym)
+    x = torch.randn(7, k).to(torch.bfloat16)
+    # the op takes bf16 scales: the reference with the same scales isolates the correction
+    s16 = s.to(torch.bfloat16).float()
+    ref = wint_gemm_ref(x.float(), q, s16, z, k)
+    y = wint_gemm(x.float(), p, out_features=n, backend="int8pack")
+    assert rel_err(y, ref) < 2e-3
+
+
+def test_int8pack_lower_bits_per_channel_need_no_offset():
+    q, s, z = make_weight(64, 128, 6, 128, sym=False)
+    p = prepare_wint(q, s, z, 6, 128)
+    assert "int8pack_weight" in p and "int8pack_offset" not in p  # q - z fits int8
+    x = torch.randn(3, 128)
+    assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 128)) < BF16_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_output_dtype_follows_input(dtype):
+    q, s, z = make_weight(64, 128, 4, 64, sym=True)
+    p = prepare_wint(q, s, z, 4, 64, backends=("int4pack", "dequant", "ref"))
+    b = torch.randn(64)
+    for name in ("int4pack", "dequant", "ref", "auto"):
+        for m in (1, 40):
+            x = torch.randn(m, 128, dtype=dtype)
+            y = wint_gemm(x, p, out_features=64, bias=b, backend=name)
+            assert y.dtype == dtype
+            assert rel_err(y, wint_gemm_ref(x.float(), q, s, z, 64, b)) < BF16_TOL
+
+
+def test_dequant_from_each_source_agrees():
+    # the dequant backend reads int8 codes, the int8pack weight or the int4pack nibbles
+    n, k = 208, 512  # 3 blocks of 64 and a 16-row tail
+    q, s, z = make_weight(n, k, 4, k, sym=False, seed=5)
+    x = torch.randn(33, k)
+    ref = wint_gemm_ref(x, q, s, z, k)
+    for backends, key in ((("dequant",), "dequant_codes"), (("int8pack",), "int8pack_weight"),
+                          (("int4pack",), "int4pack_weight")):
+        p = prepare_wint(q, s, z, 4, k, backends=backends)
+        assert key in p
+        assert rel_err(wint_gemm(x, p, out_features=n, backend="dequant"), ref) < BF16_TOL, key
+
+
+def test_dequant_chunks_cover_all_rows(monkeypatch):
+    monkeypatch.setattr(wint, "DEQUANT_CHUNK_BYTES", 64 * 2 * 256)  # 64 rows per chunk at K=256
+    n, k = 336, 256  # 5 blocks of 64 plus a 16-row tail; codes: 6 chunks with a short last one
+    q, s, z = make_weight(n, k, 4, 64, sym=False, seed=9)
+    x = torch.randn(20, k)
+    b = torch.randn(n)
+    ref = wint_gemm_ref(x, q, s, z, 64, b)
+    for backends in (("dequant",), ("int4pack",)):
+        p = prepare_wint(q, s, z, 4, 64, backends=backends)
+        assert rel_err(wint_gemm(x, p, out_features=n, bias=b, backend="dequant"), ref) < BF16_TOL
+
+
+# ---------------------------------------------------------------- dispatcher
+
+
+def test_auto_picks_int4pack_for_few_tokens_and_dequant_for_many(monkeypatch):
+    q, s, z = make_weight(64, 256, 4, 128, sym=False)
+    p = prepare_wint(q, s, z, 4, 128)
+    assert select_backend(1, p) == "int4pack"
+    assert select_backend(INT4PACK_MAX_M, p) == "int4pack"
+    assert select_backend(INT4PACK_MAX_M + 1, p) == "dequant"
+
+    seen = []
+    for name in ("int4pack", "dequant"):
+        real = getattr(wint, f"_run_{name}")
+        monkeypatch.setattr(wint, f"_run_{name}", lambda *a, _r=real, _n=name: seen.append(_n) or _r(*a))
+    for m in (INT4PACK_MAX_M, INT4PACK_MAX_M + 1):
+        x = torch.randn(m, 256)
+        y = wint_gemm(x, p, out_features=64)
+        assert rel_err(y, wint_gemm_ref(x, q, s, z, 128)) < BF16_TOL
+    assert seen == ["int4pack", "dequant"]
+
+
+def test_auto_picks_int8pack_for_few_tokens_and_dequant_for_many():
+    q, s, z = make_weight(64, 256, 8, 256, sym=False)
+    p = prepare_wint(q, s, z, 8, 256)
+    assert set(available_backends(p)) == {"int8pack", "dequant"}
+    assert select_backend(INT8PACK_MAX_M, p) == "int8pack"
+    assert select_backend(INT8PACK_MAX_M + 1, p) == "dequant"
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    q, s, z = make_weight(64, 256, 4, 64, sym=True)
+    p = prepare_wint(q, s, z, 4, 64, backends=("int4pack", "dequant", "ref"))
+    monkeypatch.setenv(BACKEND_ENV, "dequant")
+    assert select_backend(1, p) == "dequant"
+    assert select_backend(1, p, "ref") == "ref"  # an explicit argument wins
+    monkeypatch.setenv(BACKEND_ENV, "int8pack")
+    with pytest.raises(SpecError, match="not prepared"):
+        wint_gemm(torch.randn(1, 256), p, out_features=64)
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    assert select_backend(1, p) == "int4pack"
+
+
+def test_unknown_backend_is_refused():
+    q, s, z = make_weight(64, 64, 4, 32, sym=True)
+    with pytest.raises(SpecError, match="unknown backend"):
+        prepare_wint(q, s, z, 4, 32, backends=("triton",))
+    p = prepare_wint(q, s, z, 4, 32)
+    with pytest.raises(SpecError, match="unknown backend"):
+        wint_gemm(torch.randn(1, 64), p, out_features=64, backend="fast")
+
+
+# ---------------------------------------------------------------- fallbacks and input checks
+
+
+def test_group_size_16_falls_back_to_dequant():
+    q, s, z = make_weight(64, 128, 4, 16, sym=False)
+    p = prepare_wint(q, s, z, 4, 16)
+    assert available_backends(p) == ("dequant",)
+    with pytest.raises(SpecError, match="int4pack cannot run"):
+        prepare_wint(q, s, z, 4, 16, backends=("int4pack",))
+    x = torch.randn(3, 128)
+    assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 16)) < BF16_TOL
+
+
+def test_out_features_not_multiple_of_16_falls_back_to_dequant():
+    q, s, z = make_weight(40, 64, 4, 32, sym=False)
+    p = prepare_wint(q, s, z, 4, 32)
+    assert available_backends(p) == ("dequant",)
+    x = torch.randn(2, 64)
+    assert rel_err(wint_gemm(x, p, out_features=40), wint_gemm_ref(x, q, s, z, 32)) < BF16_TOL
+
+
+def test_int8pack_refuses_in_features_not_multiple_of_16():
+    # torch 2.13's _weight_int8pack_mm reads out of bounds (segfault, NaN) when K % 16 != 0
+    q, s, z = make_weight(32, 72, 8, 72, sym=True)
+    with pytest.raises(SpecError, match="multiple of 16"):
+        prepare_wint(q, s, z, 8, 72, backends=("int8pack",))
+    p = prepare_wint(q, s, z, 8, 72)
+    assert available_backends(p) == ("dequant",)
+    x = torch.randn(2, 72)
+    assert rel_err(wint_gemm(x, p, out_features=32), wint_gemm_ref(x, q, s, z, 72)) < BF16_TOL
+
+
+def test_int4pack_per_channel_large_k_uses_a_repeated_group():
+    q, s, z = make_weight(64, 1536, 4, 1536, sym=False)
+    p = prepare_wint(q, s, z, 4, 1536, backends=("int4pack",))
+    assert p["int4pack_scales_zeros"].shape == (1536 // 256, 64, 2)
+    x = torch.randn(2, 1536)
+    y = wint_gemm(x, p, out_features=64, backend="int4pack")
+    assert rel_err(y, wint_gemm_ref(x, q, s, z, 1536)) < BF16_TOL
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 80, 112, 176])
+def test_unpack_int4pack_roundtrip(n):
+    q = torch.randint(0, 16, (n, 96), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(unpack_int4pack(packed, n, 96), q.to(torch.uint8))
+
+
+def test_prepare_rejects_bad_input():
+    q, s, z = make_weight(32, 64, 4, 32, sym=False)
+    with pytest.raises(GroupSizeError):
+        prepare_wint(q, s[:, :1], z[:, :1], 4, 48)
+    with pytest.raises(SpecError, match="bits"):
+        prepare_wint(q, s, z, 9, 32)
+    with pytest.raises(SpecError, match="codes"):
+        prepare_wint(q + 16, s, z, 4, 32)
+    with pytest.raises(SpecError, match="integer-valued"):
+        prepare_wint(q, s, z + 0.5, 4, 32)
+    with pytest.raises(SpecError, match="shape"):
+        prepare_wint(q, s.t(), z, 4, 32)
+
+
+def test_empty_and_non_contiguous_inputs():
+    q, s, z = make_weight(64, 128, 4, 64, sym=False)
+    p = prepare_wint(q, s, z, 4, 64)
+    assert wint_gemm(torch.randn(0, 128), p, out_features=64).shape == (0, 64)
+    assert wint_gemm(torch.randn(2, 0, 128), p, out_features=64).shape == (2, 0, 64)
+    x = torch.randn(128, 6).t()  # [6, 128], not contiguous
+    for name in ("int4pack", "dequant"):
+        y = wint_gemm(x, p, out_features=64, backend=name)
+        assert rel_err(y, wint_gemm_ref(x, q, s, z, 64)) < BF16_TOL
+
+
+def test_prepared_tensors_are_plain_buffers():
+    # only tensors, flat names without dots: a module can register them as buffers and save them
+    q, s, z = make_weight(64, 128, 4, 128, sym=False)
+    for backends in ("auto", ("ref", "int4pack", "dequant"), ("int8pack",)):
+        p = prepare_wint(q, s, z, 4, 128, backends=backends)
+        assert all(isinstance(v, torch.Tensor) and "." not in key for key, v in p.items())
+        m = torch.nn.Module()
+        for key, v in p.items():
+            m.register_buffer(key, v)
+        y = wint_gemm(torch.randn(2, 128), dict(m.named_buffers()), out_features=64)
+        assert y.shape == (2, 64)

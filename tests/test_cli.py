@@ -1,0 +1,120 @@
+"""Each kind of bad input ends in one clear line on stderr, status 2, and no output directory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.cli import main
+
+from .conftest import save_tiny_checkpoint
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, pattern):
+    import re
+
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("lowbit: error:")]
+    assert len(lines) == 1, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_quantize_eval_round_trip(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", tiny_dir, "--recipe", "w4a16-rtn", "--group-size", "32", "--out", out)
+    assert code == 0, err
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, stdout, err = run(capsys, "eval", out, "--ppl", text, "--seqlen", "32", "--windows", "4",
+                            "--ref", tiny_dir, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    for key in ("ppl", "windows", "seqlen", "kl", "top1_agreement", "bits_per_weight", "model_bytes"):
+        assert key in res
+    assert res["windows"] == 4 and res["seqlen"] == 32 and res["kl"] > 0 and 0 < res["top1_agreement"] <= 1
+    assert 4.0 < res["bits_per_weight"] < 5.5
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", tmp_path / "nope", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tmp_path / "bloom"
+    cfg = AutoConfig.for_model("bloom", hidden_size=32, n_layer=1, n_head=2, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    code, _, err = run(capsys, "quantize", d, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "bloom.*llama")
+    assert not (tmp_path / "o").exists()
+
+
+def test_group_size_that_does_not_divide(tmp_path, capsys):
+    d = save_tiny_checkpoint(tmp_path / "m", hidden_size=96, intermediate_size=192)
+    code, _, err = run(capsys, "quantize", d, "--group-size", "64", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, r"model\.layers\.0\.\S+.*96.*32")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bits_out_of_range(tmp_path, tiny_dir, capsys, bits):
+    code, _, err = run(capsys, "quantize", tiny_dir, "--bits", bits, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "bits")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_weights(tmp_path, capsys):
+    from lowbit.formats.native import read_safetensors
+    from safetensors.torch import save_file
+
+    d = save_tiny_checkpoint(tmp_path / "m")
+    sd = read_safetensors([d / "model.safetensors"])
+    sd["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
+    save_file(sd, d / "model.safetensors")
+    code, _, err = run(capsys, "quantize", d, "--group-size", "32", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, r"model\.layers\.1\.self_attn\.v_proj.*NaN")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content,pattern", [("", "empty"), ("two words", "too short")])
+def test_bad_calibration_text(tmp_path, tiny_dir, capsys, content, pattern):
+    f = tmp_path / "calib.txt"
+    f.write_text(content)
+    code, _, err = run(capsys, "quantize", tiny_dir, "--group-size", "32", "--calib", f, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_directory(tmp_path, tiny_dir, capsys):
+    (tmp_path / "o").mkdir()
+    code, _, err = run(capsys, "quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "exists.*--overwrite")
+    code, _, err = run(capsys, "quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "o", "--overwrite")
+    assert code == 0, err
+
+
+def test_truncated_checkpoint_on_eval(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", tiny_dir, "--group-size", "32", "--out", out)[0] == 0
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 100)
+    code, _, err = run(capsys, "eval", out, "--ppl", text)
+    assert_one_line_error(code, err, "truncated")
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "lowbit.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "quantize" in out.stdout
