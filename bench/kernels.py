@@ -17,7 +17,9 @@ meaningful with `--threads 1` only (idle OpenMP threads spin and count as busy).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,6 +38,10 @@ MS = [1, 16, 128, 512]
 QUICK_SHAPES = ["576x1536", "4096x4096"]
 QUICK_MS = [1, 16, 128]
 
+# M=1 is also timed with the weights streamed from DRAM: each call uses the next of enough
+# copies to fill this many bytes (8x the 32 MiB L3 of the dev machine)
+STREAM_BYTES = 256 * 2**20
+
 # (label, bits, group size or None for per-channel, symmetric)
 CONFIGS = [("w4g64", 4, 64, False), ("w4g128", 4, 128, False), ("w8pc", 8, None, False)]
 
@@ -44,6 +50,7 @@ def weight_bytes(prepared: dict[str, torch.Tensor], backend: str) -> int:
     """Bytes the backend reads per call: its weight and its scales."""
     keys = {
         "int4pack": ("int4pack_weight", "int4pack_scales_zeros"),
+        "int4cpp": ("int4pack_weight", "int4pack_scales_zeros"),
         "int8pack": ("int8pack_weight", "int8pack_scales", "int8pack_offset"),
         "dequant": ("dequant_codes", "dequant_scales", "dequant_offset"),
         "ref": ("ref_q", "ref_scales", "ref_zeros"),
@@ -82,6 +89,13 @@ def read_bandwidth(gib: float, rounds: int, timer) -> float:
     t = torch.ones(int(gib * 2**30) // 4)
     ms = interleaved({"sum": lambda: t.sum()}, rounds, 0.2, timer)["sum"]
     return t.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def streamed(make_call, nbytes: int):
+    """A callable cycling through copies of the weights (made by make_call) so none stays cached."""
+    calls = [make_call() for _ in range(max(2, math.ceil(STREAM_BYTES / nbytes)))]
+    it = itertools.cycle(calls)
+    return lambda: next(it)()
 
 
 def fmt_ms(v: float) -> str:
@@ -133,8 +147,7 @@ def main() -> None:
             if k % group:
                 continue
             q, s, z = make_weight(n, k, bits, group, sym)
-            prepared[label] = prepare_wint(q, s, z, bits, group, backends=("int4pack", "dequant")
-                                           if bits <= 4 else ("int8pack", "dequant"))
+            prepared[label] = prepare_wint(q, s, z, bits, group)  # the default (auto) runtime form
         for m in ms:
             x32 = torch.randn(m, k)
             x16 = x32.to(torch.bfloat16)
@@ -147,11 +160,22 @@ def main() -> None:
             for label, p in prepared.items():
                 row["auto"][label] = select_backend(m, p)
             if m == 1:
-                row["GBps"] = {"fp32": 4 * n * k / t["fp32"] / 1e6, "bf16": 2 * n * k / t["bf16"] / 1e6}
+                nbytes = {"fp32": 4 * n * k, "bf16": 2 * n * k}
+                scold = {"fp32": streamed(lambda: (lambda w=w32.clone(): F.linear(x32, w)), nbytes["fp32"]),
+                         "bf16": streamed(lambda: (lambda w=w16.clone(): F.linear(x16, w)), nbytes["bf16"])}
                 for name in t:
                     if "/" in name:
                         label, b = name.split("/")
-                        row["GBps"][name] = weight_bytes(prepared[label], b) / t[name] / 1e6
+                        nbytes[name] = weight_bytes(prepared[label], b)
+                        scold[name] = streamed(
+                            lambda p=prepared[label], b=b: (
+                                lambda c={key: v.clone() for key, v in p.items()}: wint_gemm(
+                                    x16, c, out_features=n, backend=b)), nbytes[name])
+                cold = interleaved(scold, rounds, min_run, timer)
+                del scold
+                row["stream_ms"] = cold
+                row["GBps"] = {c: nbytes[c] / t[c] / 1e6 for c in t}
+                row["stream_GBps"] = {c: nbytes[c] / cold[c] / 1e6 for c in cold}
             rows.append(row)
             best = {lab: t[f"{lab}/{row['auto'][lab]}"] for lab in prepared}
             print(f"  {shape} M={m}: fp32 {t['fp32']:.3f} bf16 {t['bf16']:.3f} "
@@ -165,7 +189,7 @@ def main() -> None:
 
 
 def print_tables(rows: list[dict], info: dict) -> None:
-    cols = [f"{label}/{b}" for label, _, _, _ in CONFIGS for b in ("int4pack", "int8pack", "dequant")
+    cols = [f"{label}/{b}" for label, _, _, _ in CONFIGS for b in ("int4pack", "int4cpp", "int8pack", "dequant")
             if any(f"{label}/{b}" in r["ms"] for r in rows)]
     print("\n### ms per call (speedup vs fp32 / vs bf16); * = what `auto` picks\n")
     print("| K x N | M | fp32 | bf16 | " + " | ".join(cols) + " |")
@@ -185,12 +209,14 @@ def print_tables(rows: list[dict], info: dict) -> None:
     one = [r for r in rows if r["M"] == 1]
     if one:
         gcols = ["fp32", "bf16"] + cols
-        print(f"\n### M=1: GB/s of weight bytes read (machine read bandwidth {info['read_bandwidth_GBps']} GB/s)\n")
+        print(f"\n### M=1: GB/s of weight bytes read, weights hot in cache / streamed from DRAM "
+              f"(ms streamed in brackets); machine read bandwidth {info['read_bandwidth_GBps']} GB/s\n")
         print("| K x N | " + " | ".join(gcols) + " |")
         print("|---|" + "---:|" * len(gcols))
         for r in one:
-            print(f"| {r['shape']} | " + " | ".join(f"{r['GBps'][c]:.1f}" if c in r["GBps"] else "n/a"
-                                                    for c in gcols) + " |")
+            print(f"| {r['shape']} | " + " | ".join(
+                f"{r['GBps'][c]:.1f} / {r['stream_GBps'][c]:.1f} ({fmt_ms(r['stream_ms'][c])})"
+                if c in r["GBps"] else "n/a" for c in gcols) + " |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 import lowbit
 from lowbit.errors import GroupSizeError, InvalidWeightsError
-from lowbit.models import get_adapter, get_blocks, block_linears
+from lowbit.models import block_linears, get_adapter, get_blocks, set_linear_weight
 from lowbit.nn import WQLinear
 
 from ..conftest import tiny_model
@@ -17,15 +19,22 @@ def logits(model, ids):
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3", "opt", "gpt2", "gpt_neox"])
 def test_rtn_replaces_every_block_linear_and_stays_close(model_type):
     model = tiny_model(model_type)
+    twin = copy.deepcopy(model)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = logits(model, ids)
     lowbit.quantize(model, "w8a16-rtn", progress=False)
     adapter = get_adapter(model)
-    for block in get_blocks(model, adapter):
-        assert all(isinstance(m, WQLinear) for m in block_linears(block, adapter).values())
+    for block, twin_block in zip(get_blocks(model, adapter), get_blocks(twin, adapter)):
+        packed = block_linears(block, adapter)
+        assert all(isinstance(m, WQLinear) for m in packed.values())
+        for name, m in block_linears(twin_block, adapter).items():  # the float twin of the packed model
+            set_linear_weight(m, packed[name].dequantize_weight())
     out = logits(model, ids)
-    rel = float((out - ref).norm() / ref.norm())
-    assert rel < 0.03, rel
+    # The packed model computes what its dequantized float twin computes (bf16 activations aside)
+    twin_out = logits(twin, ids)
+    assert float((out - twin_out).norm() / twin_out.norm()) < 0.025
+    # and 8-bit rounding moves these deliberately noisy tiny models' logits by a few percent at most
+    assert float((out - ref).norm() / ref.norm()) < 0.05
 
 
 def test_lower_bits_cost_more_accuracy():

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from lowbit.errors import GroupSizeError, SpecError
-from lowbit.kernels import wint
+from lowbit.kernels import _wint_cpp, wint
 from lowbit.kernels.wint import (
     BACKEND_ENV,
+    INT4CPP_MAX_M,
     INT4PACK_MAX_M,
+    INT4PACK_MAX_M_NIBBLES,
     INT8PACK_MAX_M,
     available_backends,
     prepare_wint,
@@ -38,6 +40,16 @@ def rel_err(y, ref):
 @pytest.fixture(autouse=True)
 def _no_forced_backend(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
+
+
+def has_ext() -> bool:
+    """The C++ kernels (built on first use, cached under LOWBIT_CACHE); absent without a compiler."""
+    return _wint_cpp.load() is not None
+
+
+@pytest.fixture
+def no_ext(monkeypatch):
+    monkeypatch.setattr(_wint_cpp, "load", lambda: None)
 
 
 # ---------------------------------------------------------------- reference
@@ -76,6 +88,8 @@ def _applicable(bits, group_size, n, k):
     names = ["ref", "dequant"]
     if bits <= 4 and group_size % 32 == 0 and n % 16 == 0:
         names.append("int4pack")
+        if has_ext():
+            names.append("int4cpp")
     if group_size == k and k % 16 == 0:
         names.append("int8pack")
     return tuple(names)
@@ -133,28 +147,39 @@ def test_output_dtype_follows_input(dtype):
     q, s, z = make_weight(64, 128, 4, 64, sym=True)
     p = prepare_wint(q, s, z, 4, 64, backends=("int4pack", "dequant", "ref"))
     b = torch.randn(64)
-    for name in ("int4pack", "dequant", "ref", "auto"):
-        for m in (1, 40):
+    for name in ("int4pack", "dequant", "ref", "auto") + (("int4cpp",) if has_ext() else ()):
+        for m in (1, 40, 200):
             x = torch.randn(m, 128, dtype=dtype)
             y = wint_gemm(x, p, out_features=64, bias=b, backend=name)
             assert y.dtype == dtype
             assert rel_err(y, wint_gemm_ref(x.float(), q, s, z, 64, b)) < BF16_TOL
 
 
-def test_dequant_from_each_source_agrees():
+@pytest.mark.parametrize("ext", [True, False], ids=["cpp", "torch"])
+def test_dequant_from_each_source_agrees(ext, monkeypatch):
+    if ext and not has_ext():
+        pytest.skip("C++ extension unavailable")
+    if not ext:
+        monkeypatch.setattr(_wint_cpp, "load", lambda: None)
     # the dequant backend reads int8 codes, the int8pack weight or the int4pack nibbles
     n, k = 208, 512  # 3 blocks of 64 and a 16-row tail
     q, s, z = make_weight(n, k, 4, k, sym=False, seed=5)
-    x = torch.randn(33, k)
-    ref = wint_gemm_ref(x, q, s, z, k)
-    for backends, key in ((("dequant",), "dequant_codes"), (("int8pack",), "int8pack_weight"),
-                          (("int4pack",), "int4pack_weight")):
-        p = prepare_wint(q, s, z, 4, k, backends=backends)
-        assert key in p
-        assert rel_err(wint_gemm(x, p, out_features=n, backend="dequant"), ref) < BF16_TOL, key
+    for m in (33, 300):  # per-channel scales go on the output when M <= K / 2, on the weight above
+        x = torch.randn(m, k)
+        ref = wint_gemm_ref(x, q, s, z, k)
+        for backends, key in ((("dequant",), "dequant_codes"), (("int8pack",), "int8pack_weight"),
+                              (("int4pack",), "int4pack_weight")):
+            p = prepare_wint(q, s, z, 4, k, backends=backends)
+            assert key in p
+            assert rel_err(wint_gemm(x, p, out_features=n, backend="dequant"), ref) < BF16_TOL, (key, m)
 
 
-def test_dequant_chunks_cover_all_rows(monkeypatch):
+@pytest.mark.parametrize("ext", [True, False], ids=["cpp", "torch"])
+def test_dequant_chunks_cover_all_rows(ext, monkeypatch):
+    if ext and not has_ext():
+        pytest.skip("C++ extension unavailable")
+    if not ext:
+        monkeypatch.setattr(_wint_cpp, "load", lambda: None)
     monkeypatch.setattr(wint, "DEQUANT_CHUNK_BYTES", 64 * 2 * 256)  # 64 rows per chunk at K=256
     n, k = 336, 256  # 5 blocks of 64 plus a 16-row tail; codes: 6 chunks with a short last one
     q, s, z = make_weight(n, k, 4, 64, sym=False, seed=9)
@@ -169,22 +194,48 @@ def test_dequant_chunks_cover_all_rows(monkeypatch):
 # ---------------------------------------------------------------- dispatcher
 
 
-def test_auto_picks_int4pack_for_few_tokens_and_dequant_for_many(monkeypatch):
-    q, s, z = make_weight(64, 256, 4, 128, sym=False)
-    p = prepare_wint(q, s, z, 4, 128)
-    assert select_backend(1, p) == "int4pack"
-    assert select_backend(INT4PACK_MAX_M, p) == "int4pack"
-    assert select_backend(INT4PACK_MAX_M + 1, p) == "dequant"
-
+def _record_runs(monkeypatch):
     seen = []
-    for name in ("int4pack", "dequant"):
+    for name in ("int4pack", "int4cpp", "dequant"):
         real = getattr(wint, f"_run_{name}")
         monkeypatch.setattr(wint, f"_run_{name}", lambda *a, _r=real, _n=name: seen.append(_n) or _r(*a))
+    return seen
+
+
+def test_auto_without_extension_switches_int4pack_to_dequant(monkeypatch, no_ext):
+    q, s, z = make_weight(64, 256, 4, 128, sym=False)
+    p = prepare_wint(q, s, z, 4, 128)  # int4pack only: the dequant path unpacks nibbles (slow)
+    assert available_backends(p) == ("int4pack", "dequant")
+    assert select_backend(1, p) == "int4pack"
+    assert select_backend(INT4PACK_MAX_M_NIBBLES, p) == "int4pack"
+    assert select_backend(INT4PACK_MAX_M_NIBBLES + 1, p) == "dequant"
+    pc = prepare_wint(q, s, z, 4, 128, backends=("int4pack", "dequant"))  # + int8 codes (fast)
+    assert "dequant_codes" in pc
+    assert select_backend(INT4PACK_MAX_M, pc) == "int4pack"
+    assert select_backend(INT4PACK_MAX_M + 1, pc) == "dequant"
+
+    seen = _record_runs(monkeypatch)
     for m in (INT4PACK_MAX_M, INT4PACK_MAX_M + 1):
         x = torch.randn(m, 256)
-        y = wint_gemm(x, p, out_features=64)
-        assert rel_err(y, wint_gemm_ref(x, q, s, z, 128)) < BF16_TOL
+        assert rel_err(wint_gemm(x, pc, out_features=64), wint_gemm_ref(x, q, s, z, 128)) < BF16_TOL
     assert seen == ["int4pack", "dequant"]
+
+
+def test_auto_with_extension_switches_int4cpp_to_dequant(monkeypatch):
+    if not has_ext():
+        pytest.skip("C++ extension unavailable (no compiler?)")
+    q, s, z = make_weight(64, 256, 4, 128, sym=False)
+    p = prepare_wint(q, s, z, 4, 128)
+    assert available_backends(p) == ("int4pack", "int4cpp", "dequant")
+    assert select_backend(1, p) == "int4cpp"
+    assert select_backend(INT4CPP_MAX_M, p) == "int4cpp"
+    assert select_backend(INT4CPP_MAX_M + 1, p) == "dequant"
+
+    seen = _record_runs(monkeypatch)
+    for m in (INT4CPP_MAX_M, INT4CPP_MAX_M + 1):
+        x = torch.randn(m, 256)
+        assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 128)) < BF16_TOL
+    assert seen == ["int4cpp", "dequant"]
 
 
 def test_auto_picks_int8pack_for_few_tokens_and_dequant_for_many():
@@ -205,7 +256,7 @@ def test_environment_variable_forces_a_backend(monkeypatch):
     with pytest.raises(SpecError, match="not prepared"):
         wint_gemm(torch.randn(1, 256), p, out_features=64)
     monkeypatch.setenv(BACKEND_ENV, "auto")
-    assert select_backend(1, p) == "int4pack"
+    assert select_backend(1, p) in ("int4pack", "int4cpp")
 
 
 def test_unknown_backend_is_refused():
@@ -224,8 +275,9 @@ def test_group_size_16_falls_back_to_dequant():
     q, s, z = make_weight(64, 128, 4, 16, sym=False)
     p = prepare_wint(q, s, z, 4, 16)
     assert available_backends(p) == ("dequant",)
-    with pytest.raises(SpecError, match="int4pack cannot run"):
-        prepare_wint(q, s, z, 4, 16, backends=("int4pack",))
+    for name in ("int4pack", "int4cpp"):
+        with pytest.raises(SpecError, match=f"{name} cannot run"):
+            prepare_wint(q, s, z, 4, 16, backends=(name,))
     x = torch.randn(3, 128)
     assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 16)) < BF16_TOL
 
@@ -301,3 +353,72 @@ def test_prepared_tensors_are_plain_buffers():
             m.register_buffer(key, v)
         y = wint_gemm(torch.randn(2, 128), dict(m.named_buffers()), out_features=64)
         assert y.shape == (2, 64)
+
+
+# ---------------------------------------------------------------- C++ extension
+
+
+@pytest.mark.parametrize("n,k,group", [(64, 128, 32), (208, 576, 64), (112, 640, 128), (80, 512, 512)])
+def test_int4cpp_matches_reference_for_every_row_tile(n, k, group):
+    if not has_ext():
+        pytest.skip("C++ extension unavailable (no compiler?)")
+    q, s, z = make_weight(n, k, 4, group, sym=False, seed=n + k)
+    p = prepare_wint(q, s, z, 4, group, backends=("int4cpp",))
+    b = torch.randn(n)
+    for m in (1, 2, 3, 4, 5, 9):  # tiles of 4 activation rows and every remainder
+        x = torch.randn(m, k)
+        y = wint_gemm(x, p, out_features=n, bias=b, backend="int4cpp")
+        assert rel_err(y, wint_gemm_ref(x, q, s, z, group, b)) < BF16_TOL, m
+
+
+def test_extension_build_failure_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_wint_cpp, "_failed_once", False)
+    monkeypatch.setattr(_wint_cpp, "_load", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ wint kernels unavailable"):
+        assert _wint_cpp.load() is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _wint_cpp.load() is None  # silent the second time
+        q, s, z = make_weight(64, 128, 4, 64, sym=False)
+        p = prepare_wint(q, s, z, 4, 64)
+        assert "int4cpp" not in available_backends(p)
+        x = torch.randn(3, 128)
+        assert select_backend(3, p) == "int4pack"
+        assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 64)) < BF16_TOL
+
+
+def test_extension_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(_wint_cpp.EXT_ENV, "0")
+    assert _wint_cpp.load() is None
+
+
+def test_shape_mismatches_are_refused():
+    q, s, z = make_weight(64, 128, 4, 64, sym=False)
+    p = prepare_wint(q, s, z, 4, 64)
+    assert wint.prepared_shape(p) == (64, 128)
+    with pytest.raises(SpecError, match="outputs"):
+        wint_gemm(torch.randn(2, 128), p, out_features=32)
+    with pytest.raises(SpecError, match="features"):
+        wint_gemm(torch.randn(2, 96), p, out_features=64)
+    with pytest.raises(SpecError, match="no prepared weight"):
+        wint_gemm(torch.randn(2, 128), {}, out_features=64)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_codes_keep_precision_on_rounded_weights(bits):
+    # round-to-nearest weights put most codes next to the zero point; with 2/3-bit codes left at
+    # the bottom of the 4-bit range the op's bf16 zero' = (8 - z) * s is large, cancels against
+    # (q - 8) * s, and the error was 2e-2. prepare_wint centres them: back to bf16 rounding.
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(128, 256, generator=g).view(128, 4, 64)
+    lo, hi = w.amin(-1), w.amax(-1)
+    s = (hi - lo) / (2**bits - 1)
+    z = (-lo / s).round()
+    q = ((w / s[..., None]).round() + z[..., None]).clamp(0, 2**bits - 1).view(128, 256).long()
+    p = prepare_wint(q, s, z, bits, 64)  # int4pack only: dequant reads the nibbles
+    x = torch.randn(5, 256)
+    ref = wint_gemm_ref(x, q, s, z, 64)
+    for name in available_backends(p):
+        assert rel_err(wint_gemm(x, p, out_features=128, backend=name), ref) < 6e-3, name

@@ -8,12 +8,14 @@ are timed apart, because quantized kernels help them very differently (compute- 
 
 from __future__ import annotations
 
+import inspect
 import resource
 import statistics
 import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.eval._common import eval_mode, model_device
@@ -47,10 +49,22 @@ def _current_rss_mb() -> float | None:
     return psutil.Process().memory_info().rss / (1024 * 1024)
 
 
-def _one_run(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+def _prefill_kwargs(model) -> dict:
+    # generate() asks for the last position's logits only; with a 262k vocabulary (Gemma) the full
+    # [prompt_len, vocab] head would otherwise dominate the prefill time.
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _one_run(
+    model, prompt: torch.Tensor, new_tokens: int, device: torch.device, prefill_kwargs: dict
+) -> tuple[float, float]:
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **prefill_kwargs)
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t1 = time.perf_counter()
@@ -74,6 +88,7 @@ def measure_throughput(
     warmup: int = 1,
     repeats: int = 3,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Tokens per second for prefill (`batch * prompt_len` tokens) and decode (`batch * new_tokens`).
 
@@ -91,14 +106,14 @@ def measure_throughput(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    prefill_kwargs = _prefill_kwargs(model)
     prefill_s, decode_s = [], []
     with torch.inference_mode(), eval_mode(model):
-        for _ in range(warmup):
-            _one_run(model, prompt, new_tokens, device)
-        for _ in range(repeats):
-            p, d = _one_run(model, prompt, new_tokens, device)
-            prefill_s.append(p)
-            decode_s.append(d)
+        for run in tqdm(range(warmup + repeats), desc="bench", unit="run", disable=not progress):
+            p, d = _one_run(model, prompt, new_tokens, device, prefill_kwargs)
+            if run >= warmup:
+                prefill_s.append(p)
+                decode_s.append(d)
 
     prefill = statistics.median(prefill_s)
     decode = statistics.median(decode_s)
@@ -113,6 +128,7 @@ def measure_throughput(
         "repeats": repeats,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "prefill_last_logits_only": bool(prefill_kwargs),
         "peak_rss_mb": _peak_rss_mb(),
         "peak_rss_source": "getrusage ru_maxrss (process peak since start)",
     }

@@ -11,23 +11,27 @@ Canonical weight (what packed modules store and checkpoints hold)::
 ``dict[str, Tensor]`` a module can register as buffers); ``wint_gemm`` picks a backend by the
 number of tokens and runs it. Nothing here holds state.
 
-Backends (all compute with bf16 activations except ``ref``):
+Backends (all but ``ref`` compute with bf16 activations and fp32 accumulation):
 
 - ``ref``: dequantize in float32 and ``F.linear`` (exact; the test oracle).
 - ``int4pack``: ``aten._weight_int4pack_mm_for_cpu`` for bits <= 4 (2- and 3-bit codes are
   4-bit codes too). Group sizes 32/64/128/256; a larger group (per-channel included) runs as
-  the largest of those dividing it, with its scale repeated. Needs N % 16 == 0.
+  the largest of those dividing it, its scale repeated. Needs N % 16 == 0.
+- ``int4cpp``: our C++ kernel (``_wint_cpp``, AVX512-BF16) on the same int4pack tensors, about
+  2.5x faster than the aten op; there when the extension builds (on first use, cached).
 - ``int8pack``: ``aten._weight_int8pack_mm`` for per-channel weights (bits 5..8). Codes are
   stored as ``q - zeros`` when that fits int8, else as ``q - 128`` with the asymmetric part
   added back exactly as a rank-1 term ``x.sum(-1) * (128 - zeros) * scales``. Needs
   K % 16 == 0 (torch 2.13 reads out of bounds otherwise).
 - ``dequant``: dequantize N-chunks of the weight to bf16 and run a bf16 GEMM per chunk (chunks
-  stay in cache and reuse one buffer). Reads whichever compact form ``prepare_wint`` kept: int8
-  codes (fastest), the int8pack weight, or the int4pack nibbles (no extra memory, slower).
+  stay in cache and reuse one buffer). Reads whichever compact form was prepared: int8 codes
+  ``q - zeros`` (1 byte/weight, the fastest with torch ops alone), the int8pack weight, or the
+  int4pack nibbles (no extra memory; fastest of all with the C++ extension, about 2x the codes
+  path with torch ops alone).
 
-The weight-only ops are GEMV-style kernels: fast for a few tokens (bandwidth-bound decode),
-about 3x slower than a bf16 GEMM for hundreds of tokens (compute-bound prefill). ``auto``
-switches at ``INT4PACK_MAX_M`` / ``INT8PACK_MAX_M`` tokens (figures next to the constants).
+The weight-only kernels are GEMV-like: fast for a few tokens (bandwidth-bound decode), 2-3x
+slower than a bf16 GEMM for hundreds of tokens (compute-bound prefill). ``auto`` switches at
+the ``*_MAX_M`` token counts (figures next to the constants).
 """
 
 from __future__ import annotations
@@ -46,22 +50,49 @@ __all__ = [
     "BACKEND_ENV",
     "INT4PACK_MAX_M",
     "INT4CPP_MAX_M",
+    "INT4PACK_MAX_M_NIBBLES",
     "INT8PACK_MAX_M",
     "wint_gemm_ref",
     "prepare_wint",
     "select_backend",
     "available_backends",
+    "prepared_shape",
+    "unpack_int4pack",
     "wint_gemm",
 ]
 
 BACKENDS = ("ref", "int4pack", "int4cpp", "int8pack", "dequant")
 BACKEND_ENV = "LOWBIT_WINT_BACKEND"  # force a backend (tests, benchmarks); "auto" or unset: dispatch
 
-# Largest token count M (rows of x) for which ``auto`` uses the weight-only op; above it,
-# dequantize + bf16 GEMM. Measured on the 2-core AMD EPYC (Zen4, avx512_bf16, no AMX) dev
-# machine, torch 2.13, 2 threads; see bench/kernels.py and the THRESHOLD notes below.
-INT4PACK_MAX_M = 16
-INT4CPP_MAX_M = 64
+# THRESHOLDS: largest token count M (rows of x) for which ``auto`` runs the weight-only kernel;
+# above it, dequantize + bf16 GEMM. Measured on the 2-core AMD EPYC dev machine (Zen4:
+# avx512_bf16, avx512_vnni, no AMX), torch 2.13, g64 asymmetric weights; 1 thread, process CPU
+# time (the shared cores made 2-thread wall times unusable; see bench/kernels.py for those).
+# ms, weight-only kernel vs the dequant path it competes with:
+#
+#   int4cpp vs dequant from nibbles (C++)  M=64        M=128       M=256
+#     576x576                              0.26/0.30   0.64/0.57   1.09/0.87
+#     576x1536                             0.64/0.72   1.27/1.23   2.58/2.35
+#     4096x4096                            12.3/13.9   23.7/24.4   47.6/44.7
+#     4096x11008                           30.5/37.5   62.4/70.9   119/113     -> 128
+#   int4pack vs dequant from int8 codes    M=16        M=32        M=64
+#     576x576                              0.14/0.23   0.26/0.28   0.53/0.39
+#     1536x576                             0.35/0.53   0.67/0.64   1.33/0.88
+#     4096x4096                            6.6/10.0    12.8/12.5   25.4/17.8
+#     4096x11008                           17.2/24.8   34.1/31.8   68.3/44.1  -> 32
+#   int4pack vs dequant from nibbles (torch, no C++): M=64 26.2/34.3, M=128 59.8/58.2
+#     (4096x4096); 576x1536 M=64 1.41/1.83, M=128 2.82/2.38                  -> 96
+#   int8pack vs dequant from its int8 weight (per-channel scale applied to the output)
+#     asym (rank-1 offset)                 M=4         M=8         M=16
+#     576x1536                             0.13/0.29   0.23/0.32   0.43/0.39
+#     4096x4096                            2.0/4.5     4.4/5.6     8.2/6.4
+#     4096x11008                           6.2/12.4    11.7/13.7   22.9/17.1  -> 8
+# The two vCPUs gave no speedup over one thread for any of these ops (contended by other
+# tenants), so these are one-core figures; with two free cores int8pack scaled 2x and tied
+# the dequant path at M=16 on 4096x4096.
+INT4CPP_MAX_M = 128
+INT4PACK_MAX_M = 32
+INT4PACK_MAX_M_NIBBLES = 96
 INT8PACK_MAX_M = 8
 
 # int4pack group sizes accepted by aten._weight_int4pack_mm_for_cpu (torch 2.13).
@@ -185,11 +216,14 @@ def prepare_wint(
 ) -> dict[str, torch.Tensor]:
     """Runtime tensors for the fast backends, from the canonical weight.
 
-    ``backends``: ``"auto"`` (the weight-only op that fits, int4pack for bits <= 4 or int8pack
-    for per-channel bits 5..8, plus int8 dequant codes unless the op's own weight can feed the
-    dequant path cheaply), or an iterable of names from ``BACKENDS``. Naming a backend the
-    weight cannot use raises ``SpecError``. The result holds only tensors (flat keys), so a
-    module can register them as buffers.
+    ``backends``: ``"auto"``, or an iterable of names from ``BACKENDS``. ``auto`` keeps one
+    compact form: int4pack for bits <= 4 (0.5 byte/weight; ``int4pack``, ``int4cpp`` and
+    ``dequant`` all read it), int8pack for per-channel bits 5..8, else int8 dequant codes.
+    Adding ``"dequant"`` to an explicit list also keeps int8 codes (1 byte/weight more), the
+    fastest prefill when the C++ extension is unavailable. ``int4cpp`` needs nothing of its
+    own (it reads the int4pack tensors). Naming a backend the weight cannot use raises
+    ``SpecError``. The result holds only tensors under flat keys, so a module can register
+    them as buffers.
     """
     n, k = _check_canonical(q, scales, zeros, group_size)
     if not 2 <= bits <= 8:
@@ -216,34 +250,42 @@ def prepare_wint(
     zeros_full = _expand_groups(zeros_f, group_size)
 
     if "ref" in wanted:
-        out["ref_q"] = q.to(torch.uint8) if bits <= 8 else q
+        out["ref_q"] = q.to(torch.uint8)
         out["ref_scales"] = scales_f.clone()
         out["ref_zeros"] = zeros_f.clone()
 
     # int4pack -------------------------------------------------------------------------
     why4 = _int4pack_refusal(n, k, bits, group_size)
-    if "int4pack" in wanted and why4:
-        raise SpecError(f"wint: int4pack cannot run this weight: {why4}")
+    for name in ("int4pack", "int4cpp"):
+        if name in wanted and why4:
+            raise SpecError(f"wint: {name} cannot run this weight: {why4}")
     int4_dequant_ok = False
-    if (auto or "int4pack" in wanted) and why4 is None:
+    if (auto or "int4pack" in wanted or "int4cpp" in wanted) and why4 is None:
         g = _int4pack_group(group_size)
         rep = group_size // g
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        # 2- and 3-bit codes are moved to the middle of the 4-bit range (q + shift, z + shift:
+        # the same weight) so that the op's zero' = (8 - z) * s stays small: it is stored in bf16,
+        # and a large zero' cancelling a large (q - 8) * s loses the small weights' precision
+        shift = 8 - 2 ** (bits - 1)
+        q4 = (q.to(torch.int32) + shift).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1)
         s = scales_f.repeat_interleave(rep, dim=1)  # [N, K // g]
-        z = zeros_f.repeat_interleave(rep, dim=1)
+        z = zeros_f.repeat_interleave(rep, dim=1) + shift
         # op convention: w = (q - 8) * scale + zero'  =>  zero' = (8 - z) * s
         sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(_BF16)
         out["int4pack_weight"] = packed  # [N, K // 2] uint8, torch's private layout
         out["int4pack_scales_zeros"] = sz  # [K // g, N, 2] bf16
         # the dequant path can read the nibbles back if torch's layout is the one we know
-        int4_dequant_ok = torch.equal(unpack_int4pack(packed, n, k), q.to(torch.uint8))
+        int4_dequant_ok = torch.equal(unpack_int4pack(packed, n, k), q4.to(torch.uint8))
 
     # int8 codes (int8pack weight and/or dequant codes) --------------------------------
     why8 = _int8pack_refusal(n, k, bits, group_size)
     if "int8pack" in wanted and why8:
         raise SpecError(f"wint: int8pack cannot run this weight: {why8}")
     use8 = ("int8pack" in wanted) or (auto and bits > 4 and why8 is None)
-    want_codes = "dequant" in wanted or (auto and not use8 and not int4_dequant_ok)
+    # codes when asked for, when nothing else can feed the dequant path, or when torch's
+    # int4pack layout is not the one the nibble reader knows
+    want_codes = "dequant" in wanted or (not use8 and not int4_dequant_ok)
     if use8 or want_codes:
         codes, offset = _int8_codes(q, zeros_full, scales_f, zeros_f, group_size)
     if use8:
@@ -281,6 +323,15 @@ def available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
     return tuple(have)
 
 
+def prepared_shape(prepared: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(out_features, in_features) of a ``prepare_wint`` result."""
+    for key, k_mult in (("ref_q", 1), ("dequant_codes", 1), ("int8pack_weight", 1), ("int4pack_weight", 2)):
+        if key in prepared:
+            w = prepared[key]
+            return w.shape[0], w.shape[1] * k_mult
+    raise SpecError(f"wint: no prepared weight among keys {sorted(prepared)}")
+
+
 def _dequant_source(prepared: Mapping[str, torch.Tensor]) -> str | None:
     if "dequant_codes" in prepared:
         return "codes"
@@ -300,6 +351,8 @@ def select_backend(m: int, prepared: Mapping[str, torch.Tensor], backend: str = 
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     have = available_backends(prepared)
+    if not have:
+        raise SpecError(f"wint: no prepared weight among keys {sorted(prepared)}")
     if backend != "auto":
         if backend not in BACKENDS:
             raise SpecError(f"wint: unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
@@ -308,8 +361,10 @@ def select_backend(m: int, prepared: Mapping[str, torch.Tensor], backend: str = 
         return backend
     if "int4cpp" in have and m <= INT4CPP_MAX_M:
         return "int4cpp"
-    if "int4pack" in have and m <= INT4PACK_MAX_M:
-        return "int4pack"
+    if "int4pack" in have:
+        slow_dequant = _dequant_source(prepared) == "int4pack"  # torch ops unpacking nibbles
+        if m <= (INT4PACK_MAX_M_NIBBLES if slow_dequant else INT4PACK_MAX_M):
+            return "int4pack"
     if "int8pack" in have and m <= INT8PACK_MAX_M:
         return "int8pack"
     if "dequant" in have:
@@ -379,6 +434,24 @@ def _dequant_linear_codes(xb, codes, scales, offset):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
+def _codes_linear_per_channel(xb, codes, scales, offset):
+    """fp32 [M, N] = (x @ codes^T) * s (+ x.sum(-1) * offset): per-channel scales go on the output,
+    so dequantizing is a single int8 -> bf16 conversion per chunk."""
+    n, k = codes.shape
+    rows = min(n, _chunk_rows(k, 16))
+    buf = torch.empty(rows, k, dtype=_BF16)
+    outs = []
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = buf[: n1 - n0]
+        w.copy_(codes[n0:n1])
+        outs.append(F.linear(xb, w))
+    y = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).float().mul_(scales.float())
+    if offset is not None:
+        y.addcmul_(xb.float().sum(-1, keepdim=True), offset.float())
+    return y
+
+
 def _int4pack_scale_offset(sz, cols):
     """bf16 s, c [K // g, 1, cols] with W = q * s + c, from the op's (scale, zero) pairs."""
     s = sz[:, cols, 0].float()
@@ -433,12 +506,22 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
 def _run_dequant(x2, p, bias, n):
     xb = x2.to(_BF16)
     src = _dequant_source(p)
+    # per-channel scales: on the output (one pass fewer over the weight) unless the output is
+    # the larger of the two (M > K / 2)
+    scale_out = 2 * xb.shape[0] <= xb.shape[1]
     if src == "codes":
-        y = _dequant_linear_codes(xb, p["dequant_codes"], p["dequant_scales"], p.get("dequant_offset"))
+        codes, sc, off = p["dequant_codes"], p["dequant_scales"], p.get("dequant_offset")
+        if sc.shape[1] == 1 and scale_out:
+            y = _codes_linear_per_channel(xb, codes, sc[:, 0], None if off is None else off[:, 0])
+        else:
+            y = _dequant_linear_codes(xb, codes, sc, off)
     elif src == "int8pack":
-        off = p.get("int8pack_offset")
-        y = _dequant_linear_codes(xb, p["int8pack_weight"], p["int8pack_scales"][:, None],
-                                  None if off is None else off[:, None].to(_BF16))
+        sc, off = p["int8pack_scales"], p.get("int8pack_offset")
+        if scale_out:
+            y = _codes_linear_per_channel(xb, p["int8pack_weight"], sc, off)
+        else:
+            y = _dequant_linear_codes(xb, p["int8pack_weight"], sc[:, None],
+                                      None if off is None else off[:, None].to(_BF16))
     else:
         y = _dequant_linear_int4pack(xb, p["int4pack_weight"], p["int4pack_scales_zeros"], n)
     y = y.to(x2.dtype)
@@ -458,13 +541,17 @@ def wint_gemm(
     ``backend``: ``"auto"`` (by token count, see ``select_backend``) or one of ``BACKENDS``.
     Fast backends compute with bf16 activations and fp32 accumulation.
     """
-    k = x.shape[-1]
+    n, k = prepared_shape(prepared)
+    if n != out_features:
+        raise SpecError(f"wint: prepared weight has {n} outputs, expected {out_features}")
+    if x.shape[-1] != k:
+        raise SpecError(f"wint: x has {x.shape[-1]} features, the weight expects {k}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     name = select_backend(m, prepared, backend)
     if m == 0:
-        return x.new_zeros(*lead, out_features)
+        return x.new_zeros(*lead, n)
     if name == "ref":
         y = _run_ref(x2, prepared, bias)
     elif name == "int4pack":
@@ -474,7 +561,5 @@ def wint_gemm(
     elif name == "int8pack":
         y = _run_int8pack(x2, prepared, bias)
     else:
-        y = _run_dequant(x2, prepared, bias, out_features)
-    if y.shape[-1] != out_features:
-        raise SpecError(f"wint: prepared weight has {y.shape[-1]} outputs, expected {out_features}")
-    return y.reshape(*lead, out_features)
+        y = _run_dequant(x2, prepared, bias, n)
+    return y.reshape(*lead, n)

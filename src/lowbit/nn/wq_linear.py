@@ -15,6 +15,8 @@ builds the tensors of the fast CPU paths, and calls the dispatcher `wint_gemm`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,13 +76,14 @@ class WQLinear(nn.Module):
                     clip_ratio: float | torch.Tensor = 1.0, name: str = "") -> "WQLinear":
         """Round-to-nearest from a float weight `[out, in]` (clip_ratio shrinks each group's range)."""
         out_f, in_f = weight.shape
-        if not torch.isfinite(weight).all():
-            raise InvalidWeightsError(f"layer {name or '?'} has NaN or Inf in its weight")
         g = cls.spec_group_size(spec, in_f)
         check_group_size(in_f, g, name)
         w = weight.detach().float()
         gspec = spec if isinstance(spec.granularity, PerGroup) else _with_group(spec, in_f)
-        qp = choose_qparams(w, gspec, clip_ratio=clip_ratio)
+        try:
+            qp = choose_qparams(w, gspec, clip_ratio=clip_ratio)
+        except InvalidWeightsError as e:  # say which layer
+            raise InvalidWeightsError(f"layer {name or '?'}: {e}") from None
         qp.scale = fp16_scale(qp.scale)
         q = quantize(w, qp, gspec)
         return cls.from_codes(q, qp.scale, qp.zero_point, spec, bias=bias, codebook=qp.codebook, name=name)
@@ -147,7 +150,10 @@ class WQLinear(nn.Module):
             if self.codebook is not None:
                 self._runtime = {"_device": self.qweight.device}
             else:
-                rt = kernels.prepare_wint(self.codes(), self.scales.float(), self.zeros(), self.bits, self.group_size)
+                # A backend forced through the environment (tests, benchmarks) must be prepared too.
+                forced = os.environ.get(kernels.WINT_BACKEND_ENV, "auto")
+                rt = kernels.prepare_wint(self.codes(), self.scales.float(), self.zeros(), self.bits, self.group_size,
+                                          backends="auto" if forced == "auto" else (forced,))
                 rt["_device"] = self.qweight.device
                 self._runtime = rt
         return self._runtime
