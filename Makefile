@@ -9,7 +9,6 @@ MODEL  ?= smollm2-135m
 # torch is installed first and pinned: any other route lets pip pull a CUDA build (gigabytes).
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@

@@ -118,3 +118,10 @@ def test_truncated_checkpoint_on_eval(tmp_path, tiny_dir, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "lowbit.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "quantize" in out.stdout
+
+
+def test_bench_reports_throughput(tmp_path, tiny_dir, capsys):
+    code, _, err = run(capsys, "bench", tiny_dir, "--prompt-len", "8", "--new-tokens", "4", "--json", tmp_path / "b.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0 and res["peak_rss_mb"] > 0

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import block_linears, get_blocks, get_module
+from ..models import block_linears, get_blocks, get_module, move_embeddings
 
 
 class _StopForward(Exception):
@@ -178,6 +178,8 @@ class BlockRunner:
         n = len(self.blocks)
         originals = list(self.blocks)
         self.chunks = []
+        # Only what runs before block 0 joins the samples on the compute device.
+        move_embeddings(self.model, self.adapter, self.device)
         try:
             store: list = [None] * n
             for i in range(n):
@@ -196,6 +198,7 @@ class BlockRunner:
         finally:
             for i, b in enumerate(originals):
                 self.blocks[i] = b
+            move_embeddings(self.model, self.adapter, self.offload)
 
     @torch.no_grad()
     def run(self, algorithms: list) -> None:
