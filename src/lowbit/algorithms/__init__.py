@@ -1,9 +1,10 @@
 """One file per method; each is an `Algorithm` (prepare, quantize_block, finalize)."""
 
 from .base import Algorithm
+from .awq import AWQ
 from .rtn import RTN
 
 # The names recipes use in their `steps`.
-ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN}
+ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN, "awq": AWQ}
 
-__all__ = ["Algorithm", "RTN", "ALGORITHMS"]
+__all__ = ["Algorithm", "AWQ", "RTN", "ALGORITHMS"]
