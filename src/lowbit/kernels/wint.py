@@ -415,10 +415,10 @@ def _chunk_rows(k: int, align: int) -> int:
     return rows
 
 
-def _dequant_linear_codes(xb, codes, scales, offset):
-    """bf16 [M, N] from int8 codes [N, K] and bf16 scales (+ offsets) [N, K // G]."""
+def _chunked_codes_linear(xb, codes, fill=None):
+    """bf16 [M, N] = x @ W^T, W made from int8 codes [N, K] one L2-sized chunk of rows at a time in
+    one reused bf16 buffer; `fill(w, n0, n1)` turns a chunk of codes into weights in place."""
     n, k = codes.shape
-    ng = scales.shape[1]
     rows = min(n, _chunk_rows(k, 16))
     buf = torch.empty(rows, k, dtype=_BF16)
     outs = []
@@ -426,27 +426,30 @@ def _dequant_linear_codes(xb, codes, scales, offset):
         n1 = min(n, n0 + rows)
         w = buf[: n1 - n0]
         w.copy_(codes[n0:n1])
+        if fill is not None:
+            fill(w, n0, n1)
+        outs.append(F.linear(xb, w))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _dequant_linear_codes(xb, codes, scales, offset):
+    """bf16 [M, N] from int8 codes [N, K] and bf16 scales (+ offsets) [N, K // G]."""
+    k = codes.shape[1]
+    ng = scales.shape[1]
+
+    def fill(w, n0, n1):
         wg = w.view(n1 - n0, ng, k // ng)
         wg.mul_(scales[n0:n1, :, None])
         if offset is not None:
             wg.add_(offset[n0:n1, :, None])
-        outs.append(F.linear(xb, w))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    return _chunked_codes_linear(xb, codes, fill)
 
 
 def _codes_linear_per_channel(xb, codes, scales, offset):
     """fp32 [M, N] = (x @ codes^T) * s (+ x.sum(-1) * offset): per-channel scales go on the output,
     so dequantizing is a single int8 -> bf16 conversion per chunk."""
-    n, k = codes.shape
-    rows = min(n, _chunk_rows(k, 16))
-    buf = torch.empty(rows, k, dtype=_BF16)
-    outs = []
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        w = buf[: n1 - n0]
-        w.copy_(codes[n0:n1])
-        outs.append(F.linear(xb, w))
-    y = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).float().mul_(scales.float())
+    y = _chunked_codes_linear(xb, codes).float().mul_(scales.float())
     if offset is not None:
         y.addcmul_(xb.float().sum(-1, keepdim=True), offset.float())
     return y
