@@ -59,7 +59,8 @@ class WQLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
         else:
             self.bias = None
-        self._runtime: dict | None = None
+        self._runtime: dict | None = None  # the kernels' tensors, built on first forward
+        self._runtime_device: torch.device | None = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -146,16 +147,16 @@ class WQLinear(nn.Module):
 
     # ---- compute ------------------------------------------------------------------------------
     def _prepared(self) -> dict:
-        if self._runtime is None or self._runtime.get("_device") != self.qweight.device:
+        if self._runtime is None or self._runtime_device != self.qweight.device:
             if self.codebook is not None:
-                self._runtime = {"_device": self.qweight.device}
+                self._runtime = {}
             else:
                 # A backend forced through the environment (tests, benchmarks) must be prepared too.
                 forced = os.environ.get(kernels.WINT_BACKEND_ENV, "auto")
-                rt = kernels.prepare_wint(self.codes(), self.scales.float(), self.zeros(), self.bits, self.group_size,
-                                          backends="auto" if forced == "auto" else (forced,))
-                rt["_device"] = self.qweight.device
-                self._runtime = rt
+                self._runtime = kernels.prepare_wint(self.codes(), self.scales.float(), self.zeros(), self.bits,
+                                                     self.group_size,
+                                                     backends="auto" if forced == "auto" else (forced,))
+            self._runtime_device = self.qweight.device
         return self._runtime
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +164,7 @@ class WQLinear(nn.Module):
             # Non-linear codes have no integer kernel on CPU: a lookup, then a GEMM in x's dtype.
             w = self.dequantize_weight().to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        rt = {k: v for k, v in self._prepared().items() if k != "_device"}
-        return kernels.wint_gemm(x, rt, out_features=self.out_features, bias=self.bias)
+        return kernels.wint_gemm(x, self._prepared(), out_features=self.out_features, bias=self.bias)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._runtime = None  # new codes: rebuild the kernels' tensors on the next forward
