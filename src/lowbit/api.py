@@ -29,8 +29,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """A lowbit checkpoint (packed modules) or a float HF checkpoint; the tokenizer rides along as
-    `model.lowbit_tokenizer` when the directory has one."""
+    """A lowbit or AutoAWQ checkpoint (packed modules) or a float HF checkpoint; the tokenizer rides
+    along as `model.lowbit_tokenizer` when the directory has one."""
     path = resolve_model_path(name_or_path)
     model = formats.load(path, device=device, dtype=dtype)
     try:
@@ -41,10 +41,11 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
     return model
 
 
-def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", tokenizer=None,
-         overwrite: bool = False) -> Path:
+def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", version: str | None = None,
+         tokenizer=None, overwrite: bool = False) -> Path:
+    """`format`: "lowbit" or "awq" (AutoAWQ; `version` "gemm", the default, or "gemv")."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "lowbit_tokenizer", None)
-    return formats.save(model, out_dir, format=format, tokenizer=tokenizer, overwrite=overwrite)
+    return formats.save(model, out_dir, format=format, version=version, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def quantize(model: nn.Module | str | Path, recipe: str | Path | Recipe = "w4a16-rtn",
@@ -55,7 +56,9 @@ def quantize(model: nn.Module | str | Path, recipe: str | Path | Recipe = "w4a16
     """Quantizes `model` in place with a recipe and returns it.
 
     `calib` is a calibration source (`lowbit.calib.text_file(...)`) or a LongTensor of token ids
-    `[n, L]`; recipes whose methods need no data (RTN) ignore it.
+    `[n, L]`; recipes whose methods need no data (RTN) ignore it. Its size comes from
+    calib_samples/calib_seqlen, else the source's own n_samples/seqlen, else the recipe's
+    `calibration` block, else 128 x 512.
     """
     if isinstance(model, (str, Path)):
         model = load(model)
@@ -77,7 +80,7 @@ def quantize(model: nn.Module | str | Path, recipe: str | Path | Recipe = "w4a16
         else:
             if tokenizer is None:
                 raise CalibrationError("calibration text needs a tokenizer (pass tokenizer=...)")
-            samples = calib.samples(tokenizer, calib_samples, calib_seqlen)
+            samples = calib.samples(tokenizer, calib_samples, calib_seqlen, fallback=rec.calibration)
         if samples.numel() == 0:
             raise CalibrationError("calibration data is empty")
         if not needs_data:

@@ -55,3 +55,13 @@ def test_missing_file_is_refused(tmp_path):
 def test_wikitext_validation_file_gives_samples():
     s = calib.text_file(WIKI_VALID, n_samples=4, seqlen=64).samples(CharTokenizer())
     assert s.shape == (4, 64)
+
+
+def test_sample_sizes_come_from_arguments_then_source_then_recipe_then_defaults():
+    text = "abcdefghij " * 400
+    tok = CharTokenizer()
+    recipe_block = {"n_samples": 5, "seqlen": 24}
+    assert calib.texts([text]).samples(tok, fallback=recipe_block).shape == (5, 24)
+    assert calib.texts([text], n_samples=2).samples(tok, fallback=recipe_block).shape == (2, 24)
+    assert calib.texts([text], n_samples=2).samples(tok, 3, 8, fallback=recipe_block).shape == (3, 8)
+    assert calib.texts([text]).samples(tok).shape == (calib.data.DEFAULT_SAMPLES, calib.data.DEFAULT_SEQLEN)

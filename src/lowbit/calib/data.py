@@ -9,6 +9,10 @@ import torch
 
 from ..errors import CalibrationError
 
+# AutoAWQ's and GPTQ's defaults: 128 windows of 512 tokens.
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQLEN = 512
+
 
 @dataclass
 class CalibSource:
@@ -19,17 +23,22 @@ class CalibSource:
     the same seed see the same tokens.
     """
 
-    n_samples: int = 128
-    seqlen: int = 512
+    # None: the recipe's `calibration` block decides, else DEFAULT_SAMPLES x DEFAULT_SEQLEN
+    n_samples: int | None = None
+    seqlen: int | None = None
     seed: int = 0
     label: str = field(default="", compare=False)
 
     def text(self) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def samples(self, tokenizer, n_samples: int | None = None, seqlen: int | None = None) -> torch.Tensor:
-        n = self.n_samples if n_samples is None else n_samples
-        length = self.seqlen if seqlen is None else seqlen
+    def samples(self, tokenizer, n_samples: int | None = None, seqlen: int | None = None,
+                fallback: dict | None = None) -> torch.Tensor:
+        """`[n, L]` token ids. Sizes: the arguments, else the source's own, else `fallback` (a
+        recipe's `calibration` block: n_samples, seqlen), else DEFAULT_SAMPLES x DEFAULT_SEQLEN."""
+        fallback = fallback or {}
+        n = next(v for v in (n_samples, self.n_samples, fallback.get("n_samples"), DEFAULT_SAMPLES) if v is not None)
+        length = next(v for v in (seqlen, self.seqlen, fallback.get("seqlen"), DEFAULT_SEQLEN) if v is not None)
         if n < 1 or length < 2:
             raise CalibrationError(f"calibration needs at least 1 sample of 2 tokens (asked for {n} x {length})")
         text = self.text()
@@ -87,15 +96,15 @@ class HFDataset(CalibSource):
         return "\n\n".join(r for r in rows if r)
 
 
-def text_file(path: str | Path, n_samples: int = 128, seqlen: int = 512, seed: int = 0) -> TextFile:
+def text_file(path: str | Path, n_samples: int | None = None, seqlen: int | None = None, seed: int = 0) -> TextFile:
     return TextFile(n_samples=n_samples, seqlen=seqlen, seed=seed, label=str(path), path=str(path))
 
 
-def texts(items: list[str], n_samples: int = 128, seqlen: int = 512, seed: int = 0) -> Texts:
+def texts(items: list[str], n_samples: int | None = None, seqlen: int | None = None, seed: int = 0) -> Texts:
     return Texts(n_samples=n_samples, seqlen=seqlen, seed=seed, label="<texts>", texts=list(items))
 
 
 def hf_dataset(path: str, name: str | None = None, split: str = "train", column: str = "text",
-               n_samples: int = 128, seqlen: int = 512, seed: int = 0) -> HFDataset:
+               n_samples: int | None = None, seqlen: int | None = None, seed: int = 0) -> HFDataset:
     return HFDataset(n_samples=n_samples, seqlen=seqlen, seed=seed, label=path, path=path, name=name,
                      split=split, column=column)

@@ -1,5 +1,6 @@
-"""Save and load checkpoints: lowbit's own format now; AutoAWQ, GPTQ and compressed-tensors export
-arrive with the methods that produce them. Every write goes to a temporary directory first."""
+"""Save and load checkpoints: lowbit's own format and AutoAWQ's (versions gemm and gemv); GPTQ and
+compressed-tensors export arrive with the methods that produce them. Every write goes to a temporary
+directory first."""
 
 from __future__ import annotations
 
@@ -9,21 +10,29 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from . import native
+from . import awq, native
 from .atomic import atomic_dir, atomic_file
 
-FORMATS = ("lowbit",)
+FORMATS = ("lowbit", "awq")
 
 
-def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", tokenizer=None,
-         overwrite: bool = False) -> Path:
+def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", version: str | None = None,
+         tokenizer=None, overwrite: bool = False) -> Path:
+    """`version` picks the AutoAWQ layout ("gemm", the default, or "gemv") with format="awq"."""
+    if format == "awq":
+        return awq.save(model, out_dir, version=version or "gemm", tokenizer=tokenizer, overwrite=overwrite)
     if format != "lowbit":
         raise CheckpointError(f"format {format!r} is not available yet (available: {', '.join(FORMATS)})")
-    return native.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+    if version is not None:
+        raise CheckpointError(f"version={version!r} applies to format='awq' only")
+    # lowbit's format stores WQLinear; a model read from an AWQ checkpoint converts losslessly
+    with awq.wqlinear_modules(model):
+        return native.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """A lowbit checkpoint into packed modules, or a plain HF checkpoint (safetensors only) in `dtype`."""
+    """A lowbit or AutoAWQ checkpoint into packed modules, or a plain HF checkpoint (safetensors only) in
+    `dtype`. An AWQ checkpoint's float tensors are loaded in `dtype` too (None: its own, float16)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -31,6 +40,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     method = (cfg.get("quantization_config") or {}).get("quant_method")
     if method == "lowbit":
         return native.load(path, cfg, device=device)
+    awq_cfg = awq.read_quant_config(path, cfg)
+    if awq_cfg is not None:
+        return awq.load(path, awq_cfg, device=device, dtype=dtype)
     if method is not None:
         raise CheckpointError(f"{path} is a {method!r} checkpoint, which lowbit cannot load yet")
     # Refuse pickle-only directories before transformers would unpickle them, and truncated files
