@@ -210,12 +210,16 @@ class BlockRunner:
         for i in bar:
             block = self.blocks[i].to(self.device)
             ctx = BlockContext(i, f"{prefix}.{i}", block, self.adapter, self.device, self.chunks)
-            if calibrated and any(getattr(a, "propagate", "quantized") == "float" for a in algorithms):
+            want_float = calibrated and any(getattr(a, "propagate", "quantized") == "float" for a in algorithms)
+            # A first algorithm that runs the untouched block anyway records its outputs for us.
+            if want_float and not getattr(algorithms[0], "records_float_outputs", False):
                 ctx.float_outputs = ctx.forward()
             for alg in algorithms:
                 alg.quantize_block(ctx)
             if calibrated and i < len(self.blocks) - 1:
-                outs = ctx.float_outputs if any(getattr(a, "propagate", "quantized") == "float" for a in algorithms) else ctx.forward()
+                if want_float and ctx.float_outputs is None:
+                    raise RuntimeError(f"{algorithms[0].name} promised the float outputs of block {i} and left none")
+                outs = ctx.float_outputs if want_float else ctx.forward()
                 for c, o in zip(self.chunks, outs):
                     c.hidden = o.to(self.offload)
             self.blocks[i] = block.to(self.offload)
