@@ -125,3 +125,25 @@ def test_bench_reports_throughput(tmp_path, tiny_dir, capsys):
     assert code == 0, err
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0 and res["peak_rss_mb"] > 0
+
+
+def test_quantize_with_awq_writes_an_autoawq_checkpoint(tmp_path, tiny_dir, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", tiny_dir, "--recipe", "w4a16-awq", "--group-size", "32",
+                            "--calib", calib, "--calib-samples", "2", "--calib-seqlen", "32",
+                            "--format", "awq", "--out", out)
+    assert code == 0, err
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "awq" and qcfg["version"] == "gemm" and qcfg["group_size"] == 32
+    import lowbit
+    from lowbit.nn import AWQLinearGEMM
+    assert any(isinstance(m, AWQLinearGEMM) for m in lowbit.load(out).modules())
+
+
+def test_awq_format_refuses_3_bit_before_any_work(tmp_path, tiny_dir, capsys):
+    code, _, err = run(capsys, "quantize", tiny_dir, "--recipe", "w3a16-rtn", "--group-size", "32",
+                       "--format", "awq", "--out", tmp_path / "q")
+    assert_one_line_error(code, err, r"--format awq stores 4-bit asymmetric")
+    assert not (tmp_path / "q").exists()

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int)
     q.add_argument("--calib-seqlen", type=int)
     q.add_argument("--out", required=True)
+    q.add_argument("--format", default="lowbit", choices=["lowbit", "awq"],
+                   help="checkpoint format: lowbit's own, or AutoAWQ's (4-bit asymmetric; vLLM, SGLang, transformers)")
+    q.add_argument("--awq-version", default="gemm", choices=["gemm", "gemv"], help="AutoAWQ layout (--format awq)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--device", default=None)
 
@@ -87,13 +90,18 @@ def cmd_quantize(a) -> None:
     recipe = load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric)
     if a.calib is not None and not Path(a.calib).is_file():
         raise LowbitError(f"calibration file {a.calib} does not exist")
+    w = recipe.weights
+    if a.format == "awq" and (w.bits != 4 or w.symmetric or w.dtype != "int"):
+        # AutoAWQ's layouts hold 4-bit asymmetric integer codes only: refuse before the work, not after
+        raise LowbitError(f"--format awq stores 4-bit asymmetric integer weights; recipe {recipe.name} has {w}")
     t0 = time.perf_counter()
     model = api.load(a.model)
     src = calib.text_file(a.calib) if a.calib else None
     api.quantize(model, recipe, src, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, device=a.device)
     elapsed = time.perf_counter() - t0
-    api.save(model, out, overwrite=a.overwrite)
-    print(f"quantized {a.model} with {recipe.name} in {elapsed:.1f} s -> {out}")
+    api.save(model, out, format=a.format, version=a.awq_version if a.format == "awq" else None,
+             overwrite=a.overwrite)
+    print(f"quantized {a.model} with {recipe.name} in {elapsed:.1f} s -> {out} ({a.format} format)")
 
 
 def cmd_eval(a) -> None:
