@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--calib", default=str(WIKI_VALID), help="calibration text for AWQ")
-    ap.add_argument("--calib-samples", type=int, default=None, help="default: the recipe's (128)")
+    ap.add_argument("--calib-samples", type=int, default=8,
+                    help="AWQ calibration windows (8: the peer comparison's setting; recipes default to 128)")
     ap.add_argument("--calib-seqlen", type=int, default=None, help="default: the recipe's (512)")
     ap.add_argument("--only", default=None, help="comma-separated recipe names to run, e.g. w4a16-awq,w4a16-rtn")
     args = ap.parse_args()
