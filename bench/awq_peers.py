@@ -12,8 +12,11 @@ agreement against the float model. A peer that crashes or yields NaN gets a row 
     python bench/awq_peers.py [--model smollm2-135m|gemma3-270m] [--peers lowbit,llmcompressor,autoawq]
         [--bits 4] [--group-size 64] [--n-samples 8] [--seqlen 512] [--json bench/out/awq_peers.json]
 
-AutoAWQ is slow on CPU (about 11 minutes for SmolLM2 here) and has a CPU-only bug in its scale
-search that bench/peers/autoawq_awq.py fixes (see there); `--autoawq-stock` runs it unmodified.
+AutoAWQ is slow on CPU (11 minutes for SmolLM2 on an idle 2-core machine, about 50 under load) and
+has a CPU-only bug in its scale search that bench/peers/autoawq_awq.py fixes (see there);
+`--autoawq-stock` runs it unmodified. On a machine shared with other jobs, wall times move a lot
+(llm-compressor's AWQ took 200 s to 1700 s here): compare times only within one run, and consider
+`--threads 1` so that no method has two threads waiting on one free core.
 """
 
 from __future__ import annotations
@@ -204,6 +207,9 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="where peers write their models (default: a temp dir)")
     ap.add_argument("--keep-work", action="store_true", help="keep the work dir (peer models, logs)")
     ap.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer subprocess")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every method (default: torch's own); 1 may steady the times on a "
+                         "machine shared with other jobs")
     ap.add_argument("--autoawq-stock", action="store_true",
                     help="run AutoAWQ unmodified (with its CPU scale-search bug; see bench/peers/autoawq_awq.py)")
     args = ap.parse_args()
@@ -213,6 +219,9 @@ def main() -> None:
     if unknown or not methods:
         ap.error(f"--peers: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # the peers inherit it
 
     src = zoo.pull(args.model) if args.model in zoo.ZOO else Path(args.model)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="awq_peers-"))
@@ -362,8 +371,8 @@ def main() -> None:
               f"| {grid} | {r['status']} |")
     print()
     print("Wall time: the quantize call only (model load excluded; lowbit's includes tokenizing the calibration "
-          "text). CPU time: all threads of that process over the same span; steadier than wall time when the "
-          "machine is shared.")
+          "text). CPU time: summed over that process's threads over the same span (wall time well above CPU time "
+          "/ threads means it waited for a core).")
     for r in rows:
         for n in r.get("notes", []):
             print(f"- {r['method']}: {n}")
@@ -384,7 +393,10 @@ def main() -> None:
         }, indent=2, default=str))
         say(f"wrote {args.json}")
     if not args.keep_work and not args.work_dir:
-        shutil.rmtree(work, ignore_errors=True)
+        if any(r["status"].startswith("failed") for r in rows):
+            say(f"kept {work} for the logs of the failed peers")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
