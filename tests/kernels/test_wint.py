@@ -422,3 +422,22 @@ def test_low_bit_codes_keep_precision_on_rounded_weights(bits):
     ref = wint_gemm_ref(x, q, s, z, 64)
     for name in available_backends(p):
         assert rel_err(wint_gemm(x, p, out_features=128, backend=name), ref) < 6e-3, name
+
+
+@pytest.mark.parametrize("ext", [True, False], ids=["cpp", "torch"])
+def test_dequant_workspace_first_made_under_inference_mode_serves_normal_calls(ext, monkeypatch):
+    from lowbit.kernels import wint as W
+
+    if not ext:  # the torch fallback writes the workspace with in-place torch ops
+        monkeypatch.setattr(_wint_cpp, "load", lambda: None)
+    W._WORKSPACE.__dict__.clear()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (128, 256), generator=g)
+    s = torch.rand(128, 4, generator=g) + 0.1
+    z = torch.full((128, 4), 8.0)
+    p = prepare_wint(q, s, z, 4, 64)
+    x = torch.randn(300, 256, generator=g)
+    with torch.inference_mode():
+        a = wint_gemm(x, p, out_features=128, backend="dequant")
+    b = wint_gemm(x, p, out_features=128, backend="dequant")
+    torch.testing.assert_close(a, b)

@@ -425,7 +425,10 @@ def _workspace(numel: int) -> torch.Tensor:
     largest layer seen costs that layer's bf16 size once, not per layer."""
     buf = getattr(_WORKSPACE, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buf = torch.empty(numel, dtype=_BF16)
+        # a normal tensor even when first needed under inference_mode, so later calls outside it
+        # may still write into it
+        with torch.inference_mode(False):
+            buf = _WORKSPACE.buf = torch.empty(numel, dtype=_BF16)
     return buf[:numel]
 
 
