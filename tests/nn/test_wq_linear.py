@@ -94,3 +94,24 @@ def test_bad_input_is_refused():
         WQLinear.from_weight(w, None, QuantSpec(bits=4, granularity=PerGroup(32)), name="layer")
     with pytest.raises(SpecError):
         WQLinear(96, 8, bits=9)
+
+
+def test_act_order_perm_matches_float_reference():
+    """Codes stored in act-order (columns permuted) compute W x with W in model order."""
+    from lowbit.quant import QuantSpec, PerGroup
+    torch.manual_seed(0)
+    out_f, in_f, g = 24, 64, 16
+    w = torch.randn(out_f, in_f)
+    perm = torch.randperm(in_f)
+    spec = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(g))
+    ref = WQLinear.from_weight(w[:, perm], None, spec)  # quantized in the permuted order
+    m = WQLinear.from_codes(ref.codes().to(torch.int32), ref.scales.float(), ref.zeros(), spec, perm=perm)
+    w_hat = torch.empty_like(w).index_copy_(1, perm, ref.dequantize_weight())
+    assert torch.equal(m.dequantize_weight(), w_hat)
+    x = torch.randn(5, in_f)
+    y, y_ref = m(x), x @ w_hat.t()
+    assert torch.equal(y, ref(x[:, perm]))
+    assert float((y - y_ref).norm() / y_ref.norm()) < 1e-2  # the kernels run in bf16
+    assert torch.equal(m.g_idx().long(), torch.empty(in_f, dtype=torch.long).index_copy_(0, perm, torch.arange(in_f) // g))
+    with pytest.raises(Exception, match="permutation"):
+        WQLinear.from_codes(ref.codes().to(torch.int32), ref.scales.float(), ref.zeros(), spec, perm=torch.zeros(in_f, dtype=torch.long))

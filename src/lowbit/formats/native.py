@@ -36,7 +36,7 @@ def module_config(m: nn.Module) -> dict:
     if isinstance(m, WQLinear):
         return {"class": "WQLinear", "in_features": m.in_features, "out_features": m.out_features,
                 "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
-                "codebook": m.codebook is not None, "bias": m.bias is not None,
+                "codebook": m.codebook is not None, "bias": m.bias is not None, "act_order": m.perm is not None,
                 "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
     raise CheckpointError(f"cannot save module of type {type(m).__name__}")
 
@@ -46,7 +46,8 @@ def module_from_config(c: dict, name: str) -> nn.Module:
         raise CheckpointError(f"checkpoint module {name} has unknown class {c.get('class')!r}")
     return WQLinear(c["in_features"], c["out_features"], bits=c["bits"], group_size=c["group_size"],
                     symmetric=c["symmetric"], bias=c["bias"], codebook=c.get("codebook", False),
-                    bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"), name=name)
+                    bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"),
+                    act_order=bool(c.get("act_order", False)), name=name)
 
 
 def _dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

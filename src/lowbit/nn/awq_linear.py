@@ -99,6 +99,9 @@ def check_awq_compatible(m: WQLinear, name: str = "") -> None:
     if m.symmetric or m.qzeros is None:
         raise SpecError(f"{where}AutoAWQ layouts hold asymmetric weights (zero_point=True); this layer is "
                         f"symmetric (quantize with symmetric=False)")
+    if getattr(m, "perm", None) is not None:
+        raise SpecError(f"{where}AutoAWQ layouts have no act-order permutation; this layer was quantized with "
+                        f"act_order (save it in the lowbit or GPTQ format)")
 
 
 # ---- the modules ----------------------------------------------------------------------------------

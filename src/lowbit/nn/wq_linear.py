@@ -6,9 +6,12 @@ Canonical storage (what checkpoints hold), for a weight `W [out, in]` with group
 - `scales`   fp16 `[out, in / G]`;
 - `qzeros`   uint8 `[out, ceil8(in / G) * bits / 8]`: zero points in code units, packed the same
   way (asymmetric only; symmetric codes are stored offset by 2^(bits-1), which is the implied zero);
-- `codebook` fp32 `[2^bits]` for non-linear (NF4, learned) quantization, where W = codebook[u] * scale.
+- `codebook` fp32 `[2^bits]` for non-linear (NF4, learned) quantization, where W = codebook[u] * scale;
+- `perm`     int32 `[in]`, only for act-order (GPTQ's desc_act): column j of the stored codes holds input
+  channel perm[j]. Groups are contiguous in that order, so the kernels stay the same and the forward
+  gathers x[..., perm] first (what exllama and Marlin do with GPTQ's g_idx at load time).
 
-So `W[n, k] = (u[n, k] - z[n, k // G]) * s[n, k // G]`. The forward never dequantizes the whole
+So `W[n, perm[k]] = (u[n, k] - z[n, k // G]) * s[n, k // G]` (perm the identity without act-order). The forward never dequantizes the whole
 matrix for a few tokens: it hands the canonical form once to `lowbit.kernels.prepare_wint`, which
 builds the tensors of the fast CPU paths, and calls the dispatcher `wint_gemm`.
 """
@@ -34,7 +37,7 @@ def _pad8(n: int) -> int:
 class WQLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bits: int = 4, group_size: int = 128,
                  symmetric: bool = False, bias: bool = False, codebook: bool = False,
-                 bias_dtype: torch.dtype = torch.float32, name: str = ""):
+                 bias_dtype: torch.dtype = torch.float32, act_order: bool = False, name: str = ""):
         super().__init__()
         if not 2 <= bits <= 8:
             raise SpecError(f"bits must be in 2..8, got {bits}")
@@ -59,6 +62,10 @@ class WQLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
         else:
             self.bias = None
+        if act_order:
+            self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32))
+        else:
+            self.perm = None
         self._runtime: dict | None = None  # the kernels' tensors, built on first forward
         self._runtime_device: torch.device | None = None
 
@@ -92,13 +99,20 @@ class WQLinear(nn.Module):
     @classmethod
     def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec, *,
                    bias: torch.Tensor | None = None, codebook: torch.Tensor | None = None,
-                   name: str = "") -> "WQLinear":
-        """From integer codes as `lowbit.quant.quantize` returns them (signed when symmetric)."""
+                   perm: torch.Tensor | None = None, name: str = "") -> "WQLinear":
+        """From integer codes as `lowbit.quant.quantize` returns them (signed when symmetric). With
+        `perm`, column j of q (and group j // G) belongs to input channel perm[j]."""
         out_f, in_f = q.shape
         g = cls.spec_group_size(spec, in_f)
         m = cls(in_f, out_f, bits=spec.bits, group_size=g, symmetric=spec.symmetric and codebook is None,
                 bias=bias is not None, codebook=codebook is not None,
-                bias_dtype=bias.dtype if bias is not None else torch.float32, name=name)
+                bias_dtype=bias.dtype if bias is not None else torch.float32, act_order=perm is not None,
+                name=name)
+        if perm is not None:
+            perm = perm.reshape(-1).to(torch.int64)
+            if perm.numel() != in_f or not torch.equal(perm.sort().values, torch.arange(in_f, device=perm.device)):
+                raise SpecError(f"layer {name or '?'}: perm is not a permutation of {in_f} input channels")
+            m.perm.copy_(perm.to(torch.int32))
         u = q.to(torch.int32)
         if m.symmetric:
             u = u + 2 ** (spec.bits - 1)
@@ -128,17 +142,33 @@ class WQLinear(nn.Module):
         return unpack(self.qzeros, self.bits, _pad8(ng))[:, :ng].float()
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The float weight `[out, in]` this module computes with."""
+        """The float weight `[out, in]` this module computes with, input channels in model order."""
         s = self.scales.float().repeat_interleave(self.group_size, dim=1)
         u = self.codes()
         if self.codebook is not None:
-            return self.codebook[u.long()] * s
-        z = self.zeros().repeat_interleave(self.group_size, dim=1)
-        return (u.float() - z) * s
+            w = self.codebook[u.long()] * s
+        else:
+            w = (u.float() - self.zeros().repeat_interleave(self.group_size, dim=1)) * s
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
+        return w
+
+    def _stored_weight(self) -> torch.Tensor:
+        s = self.scales.float().repeat_interleave(self.group_size, dim=1)
+        return self.codebook[self.codes().long()] * s
+
+    def g_idx(self) -> torch.Tensor:
+        """GPTQ's g_idx: the group of each input channel in model order, int32 `[in]`."""
+        j = torch.arange(self.in_features, dtype=torch.int32, device=self.scales.device) // self.group_size
+        if self.perm is None:
+            return j
+        return torch.empty_like(j).index_copy_(0, self.perm.long(), j)
 
     def storage_bits(self) -> int:
         """Bits stored for the weight: codes, scales, zeros, codebook (bias not counted)."""
         total = self.qweight.numel() * 8 + self.scales.numel() * 16
+        if self.perm is not None:  # stored as int32; a reader could derive it from 16-bit indices
+            total += self.perm.numel() * 32
         if self.qzeros is not None:
             total += self.qzeros.numel() * 8
         if self.codebook is not None:
@@ -160,9 +190,11 @@ class WQLinear(nn.Module):
         return self._runtime
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm.long())
         if self.codebook is not None:
             # Non-linear codes have no integer kernel on CPU: a lookup, then a GEMM in x's dtype.
-            w = self.dequantize_weight().to(x.dtype)
+            w = self._stored_weight().to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return kernels.wint_gemm(x, self._prepared(), out_features=self.out_features, bias=self.bias)
 
@@ -177,7 +209,8 @@ class WQLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "codebook" if self.codebook is not None else ("sym" if self.symmetric else "asym")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, {kind}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, {kind}, bias={self.bias is not None}"
+                + (", act_order" if self.perm is not None else ""))
 
 
 def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
