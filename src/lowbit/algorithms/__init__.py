@@ -2,9 +2,10 @@
 
 from .base import Algorithm
 from .awq import AWQ
+from .gptq import GPTQ
 from .rtn import RTN
 
 # The names recipes use in their `steps`.
-ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN, "awq": AWQ}
+ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN, "awq": AWQ, "gptq": GPTQ}
 
-__all__ = ["Algorithm", "AWQ", "RTN", "ALGORITHMS"]
+__all__ = ["Algorithm", "AWQ", "GPTQ", "RTN", "ALGORITHMS"]

@@ -210,7 +210,9 @@ class BlockRunner:
         for i in bar:
             block = self.blocks[i].to(self.device)
             ctx = BlockContext(i, f"{prefix}.{i}", block, self.adapter, self.device, self.chunks)
-            want_float = calibrated and any(getattr(a, "propagate", "quantized") == "float" for a in algorithms)
+            # The last step (the one that rounds) says what feeds the next block: AWQ alone passes
+            # float outputs on as AutoAWQ does; AWQ's scales then GPTQ's rounding pass quantized ones.
+            want_float = calibrated and getattr(algorithms[-1], "propagate", "quantized") == "float"
             # A first algorithm that runs the untouched block anyway records its outputs for us.
             if want_float and not getattr(algorithms[0], "records_float_outputs", False):
                 ctx.float_outputs = ctx.forward()

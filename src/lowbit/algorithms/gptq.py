@@ -1,0 +1,289 @@
+"""GPTQ (Frantar et al., 2022): second-order, error-compensating rounding of each linear's weight.
+
+For a linear with input X `[tokens, in]`, GPTQ minimises ||W X^T - Q X^T||^2 column by column: it
+rounds column j, then spreads that column's error over the columns not yet rounded through the
+inverse Hessian H^-1 with H = 2 X^T X. In the Cholesky form used here (and by the paper's code):
+
+    U = chol(H^-1, upper)           err_j = (w_j - q_j) / U[j, j]       W[:, j:] -= err_j U[j, j:]
+
+with the update applied lazily, `block_size` columns at a time (one GEMM per block for the columns
+after it). Group parameters (scale and zero point of each group of `G` input columns) are chosen
+when the group's first column comes up, from the weights as they stand then (already corrected for
+the error of earlier groups), optionally with an MSE clip search (`clip_grid`, the `mse` option of
+GPTQ's reference quantizer).
+
+- `act_order` (desc_act): columns are processed by decreasing diag(H), the most active inputs
+  first. Groups are then formed in that order, so the packed module keeps the permutation
+  (`WQLinear.perm`, GPTQ's g_idx). With `static_groups` the group parameters are fixed from the
+  unmodified weight in model order before any column moves: no permutation needs storing, at some
+  accuracy cost.
+- Dead inputs (a column of X that is always 0, so H[j, j] = 0) get H[j, j] = 1 and weight 0.
+- Damping: `percdamp` times the mean of diag(H) added to the diagonal.
+- `true_sequential`: within a block the linears are quantized in the adapter's order (q/k/v, o,
+  gate/up, down), each step's Hessian collected with the steps before it already quantized.
+  Linears that read the same input (q/k/v) share a Hessian, so they are rounded as one stacked
+  matrix: one column loop for three layers, the same result.
+
+The next block sees the quantized block's outputs (`propagate = "quantized"`), as in the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..models import linear_weight, set_linear_weight, set_module
+from ..nn import WQLinear
+from ..nn.wq_linear import fp16_scale
+from ..quant import QuantSpec
+from ..quant.primitives import _range_qparams
+from .base import Algorithm
+from .rtn import check_weights
+
+log = logging.getLogger(__name__)
+
+
+class Hessian:
+    """H = 2 X^T X / n accumulated in float32 over calibration batches."""
+
+    def __init__(self, in_features: int, device):
+        self.sum = torch.zeros(in_features, in_features, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x2.t(), x2)
+        self.n += x2.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.n, 1))
+
+
+def group_qparams(w: torch.Tensor, spec: QuantSpec, clip_grid: int = 0, max_shrink: float = 0.8,
+                  norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point `[rows, 1]` for the columns w `[rows, G]` of one group, stored as WQLinear
+    stores them (range holds 0, scale rounded up to fp16). With clip_grid > 0 the range is shrunk by
+    the factor in (1 - max_shrink, 1] that minimises sum |q(w) - w|^norm per row."""
+    lo = w.amin(dim=1, keepdim=True).clamp(max=0)
+    hi = w.amax(dim=1, keepdim=True).clamp(min=0)
+    if clip_grid <= 0:
+        s, z = _range_qparams(lo, hi, spec)
+        return fp16_scale(s), z
+    n = max(1, int(max_shrink * clip_grid))
+    p = 1 - torch.arange(n, device=w.device, dtype=torch.float32) / clip_grid  # [P]
+    s, z = _range_qparams(lo * p, hi * p, spec)  # [rows, P]
+    s = fp16_scale(s)[..., None]
+    q = (w[:, None, :] / s).round_()
+    if z is None:
+        q.clamp_(spec.qmin, spec.qmax).mul_(s)
+    else:
+        q.add_(z[..., None]).clamp_(spec.qmin, spec.qmax).sub_(z[..., None]).mul_(s)
+    err = q.sub_(w[:, None, :]).abs_().pow_(norm).sum(-1)  # [rows, P]
+    s = s[..., 0]
+    best = err.argmin(dim=1, keepdim=True)  # ties keep the wider range
+    return s.gather(1, best), (None if z is None else z.gather(1, best))
+
+
+def _round(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (signed when symmetric, as lowbit.quant.quantize returns them) and their float values."""
+    q = torch.round(w / s)
+    if z is not None:
+        q = (q + z).clamp_(spec.qmin, spec.qmax)
+        return q, (q - z) * s
+    q = q.clamp_(spec.qmin, spec.qmax)
+    return q, q * s
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size: int, *, percdamp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                  clip_grid: int = 0, max_shrink: float = 0.8) -> dict:
+    """GPTQ on one weight `[out, in]` with Hessian H `[in, in]`.
+
+    Returns {"codes" [out, in] float (integer valued, in stored column order), "scales" and
+    "zeros" [out, in / G] (zeros None when symmetric), "perm" (LongTensor or None: stored column j is
+    input channel perm[j]), "weight" [out, in] float32: the dequantized weight in model order,
+    "loss": the summed error sum_j err_j^2 (GPTQ's own measure, for logs)}.
+    """
+    W = w.detach().float().clone()
+    out_f, in_f = W.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not a multiple of group size {group_size}")
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    n_groups = in_f // group_size
+    static = None
+    if static_groups:
+        static = [group_qparams(W[:, g * group_size : (g + 1) * group_size], spec, clip_grid, max_shrink)
+                  for g in range(n_groups)]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    U = _inverse_cholesky(H)
+
+    Q = torch.zeros_like(W)  # codes
+    Wq = torch.zeros_like(W)  # their values
+    scales = torch.zeros(out_f, n_groups, device=W.device)
+    zeros = None if spec.symmetric else torch.zeros(out_f, n_groups, device=W.device)
+    loss = torch.zeros((), device=W.device)
+    s = z = None
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                g = int(perm[col]) // group_size if perm is not None else col // group_size
+                s, z = static[g]
+            elif col % group_size == 0:
+                # the group's columns as they stand now: this block's updated ones, then later blocks'
+                k = min(group_size, i2 - col)
+                cols = W1[:, i : i + k] if k == group_size else torch.cat([W1[:, i:], W[:, i2 : col + group_size]], 1)
+                s, z = group_qparams(cols, spec, clip_grid, max_shrink)
+                scales[:, col // group_size] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, col // group_size] = z[:, 0]
+            wc = W1[:, i : i + 1]
+            q, wq = _round(wc, s, z, spec)
+            Q[:, col : col + 1] = q
+            Wq[:, col : col + 1] = wq
+            d = U1[i, i]
+            err = (wc - wq) / d
+            loss += err.pow(2).sum()
+            W1[:, i:].addmm_(err, U1[i : i + 1, i:], alpha=-1)
+            E1[:, i : i + 1] = err
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+
+    if static is not None:  # groups live in model order: the codes go back there, no perm to keep
+        if perm is not None:
+            inv = torch.argsort(perm)
+            Q, Wq = Q[:, inv], Wq[:, inv]
+            perm = None
+        scales = torch.cat([st[0] for st in static], 1)
+        zeros = None if spec.symmetric else torch.cat([st[1] for st in static], 1)
+
+    weight = Wq if perm is None else torch.empty_like(Wq).index_copy_(1, perm, Wq)
+    return {"codes": Q, "scales": scales, "zeros": zeros, "perm": perm, "weight": weight, "loss": float(loss)}
+
+
+def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """chol(H^-1, upper), raising the damping if H is not positive definite in float32."""
+    damp = torch.mean(torch.diag(H)) * 0.01
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+        log.warning("GPTQ: Hessian not positive definite, adding %.3g to its diagonal", float(damp))
+        H = H.clone()
+        H.diagonal().add_(damp)
+        damp = damp * 10
+    raise RuntimeError("GPTQ: the Hessian stays singular after damping; check the calibration data")
+
+
+class GPTQ(Algorithm):
+    name = "gptq"
+    requires_calibration = True
+    propagate = "quantized"
+
+    def __init__(self, spec: QuantSpec, percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                 static_groups: bool = False, true_sequential: bool = True, clip_grid: int = 0,
+                 max_shrink: float = 0.8):
+        if spec.is_codebook:
+            raise ValueError("GPTQ here rounds onto a uniform grid; codebook (NF4) weights are not supported")
+        if not 0 <= percdamp < 1:
+            raise ValueError(f"percdamp must be in [0, 1), got {percdamp}")
+        self.spec = spec
+        self.percdamp = float(percdamp)
+        self.block_size = int(block_size)
+        self.act_order = bool(act_order)
+        self.static_groups = bool(static_groups)
+        self.true_sequential = bool(true_sequential)
+        self.clip_grid = int(clip_grid)
+        self.max_shrink = float(max_shrink)
+        self.losses: dict[str, float] = {}
+
+    def prepare(self, model, adapter) -> None:
+        check_weights(model, adapter, self.spec)
+
+    @torch.no_grad()
+    def collect_hessians(self, ctx, names: list[str]) -> dict[str, Hessian]:
+        """One forward of the block (as it stands) recording H for each named linear's input."""
+        hs: dict[str, Hessian] = {}
+
+        def record(name, x):
+            if name not in hs:
+                hs[name] = Hessian(x.shape[-1], x.device)
+            hs[name].add(x)
+
+        with ctx.hook_inputs(names, record):
+            ctx.forward()
+        return hs
+
+    @torch.no_grad()
+    def quantize_block(self, ctx) -> None:
+        if not ctx.has_data:
+            raise RuntimeError("GPTQ needs calibration data")
+        linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, WQLinear)}
+        steps = [tuple(n for n in step if n in linears) for step in ctx.adapter.sequential]
+        steps = [s for s in steps if s]
+        if not self.true_sequential:
+            steps = [tuple(n for s in steps for n in s)]
+        shared = {}
+        for group in ctx.adapter.shared_input:
+            for n in group:
+                shared[n] = group
+        results = {}
+        for step in steps:
+            # linears reading one tensor share a Hessian: record it once, round them stacked
+            owners = []
+            for n in step:
+                key = shared.get(n, (n,))
+                key = tuple(k for k in key if k in step) or (n,)
+                if key not in owners:
+                    owners.append(key)
+            hs = self.collect_hessians(ctx, [o[0] for o in owners])
+            for names in owners:
+                mods = [linears[n] for n in names]
+                ws = [linear_weight(m).detach().float() for m in mods]
+                w = torch.cat(ws)
+                gs = WQLinear.spec_group_size(self.spec, w.shape[1])
+                r = gptq_quantize(w, hs[names[0]].H, self.spec, gs, percdamp=self.percdamp,
+                                  block_size=self.block_size, act_order=self.act_order,
+                                  static_groups=self.static_groups, clip_grid=self.clip_grid,
+                                  max_shrink=self.max_shrink)
+                self.losses[f"{ctx.name}.{names[0]}"] = r["loss"]
+                rows = [t.shape[0] for t in ws]
+                parts = zip(names, mods, r["codes"].split(rows), r["scales"].split(rows),
+                            r["zeros"].split(rows) if r["zeros"] is not None else [None] * len(rows),
+                            r["weight"].split(rows))
+                for n, m, q, s, z, wq in parts:
+                    # later steps must see this step's rounding (true-sequential)
+                    set_linear_weight(m, wq.to(linear_weight(m).dtype))
+                    results[n] = (q, s, z, r["perm"])
+            del hs
+        for n, (q, s, z, perm) in results.items():
+            m = linears[n]
+            mod = WQLinear.from_codes(q, s, z, self.spec, bias=getattr(m, "bias", None), perm=perm,
+                                      name=f"{ctx.name}.{n}")
+            set_module(ctx.block, n, mod.to(linear_weight(m).device))
+
+    def config(self) -> dict:
+        return {"method": self.name, "percdamp": self.percdamp, "block_size": self.block_size,
+                "act_order": self.act_order, "static_groups": self.static_groups,
+                "true_sequential": self.true_sequential, "clip_grid": self.clip_grid, "max_shrink": self.max_shrink}
