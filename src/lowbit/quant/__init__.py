@@ -2,12 +2,12 @@
 
 `QuantSpec` says what to quantize to; `choose_qparams` / `quantize` / `dequantize` /
 `fake_quantize` do it; observers pick qparams from data; codebooks hold non-linear grids; `pack` /
-`unpack` store codes densely.
+`unpack` store codes densely (in bytes; `pack_words` / `unpack_words` in int32 words).
 """
 
 from .codebooks import NF4_CODEBOOK, kmeans_codebook
 from .observers import MinMaxObserver, MSEObserver, PercentileObserver, mse_clip_search
-from .packing import pack, packed_nbytes, unpack
+from .packing import pack, pack_words, packed_nbytes, packed_nwords, unpack, unpack_words
 from .primitives import QParams, choose_qparams, dequantize, fake_quantize, quantize, quantize_dequantize
 from .spec import Granularity, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, check_group_size
 
@@ -16,5 +16,5 @@ __all__ = [
     "QParams", "choose_qparams", "quantize", "dequantize", "quantize_dequantize", "fake_quantize",
     "MinMaxObserver", "PercentileObserver", "MSEObserver", "mse_clip_search",
     "NF4_CODEBOOK", "kmeans_codebook",
-    "pack", "unpack", "packed_nbytes",
+    "pack", "unpack", "packed_nbytes", "pack_words", "unpack_words", "packed_nwords",
 ]
