@@ -29,8 +29,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 
 def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """A lowbit or AutoAWQ checkpoint (packed modules) or a float HF checkpoint; the tokenizer rides
-    along as `model.lowbit_tokenizer` when the directory has one."""
+    """A lowbit, AutoAWQ, GPTQ or compressed-tensors checkpoint (packed modules) or a float HF
+    checkpoint; the tokenizer rides along as `model.lowbit_tokenizer` when the directory has one."""
     path = resolve_model_path(name_or_path)
     model = formats.load(path, device=device, dtype=dtype)
     try:
@@ -43,7 +43,8 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
 
 def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", version: str | None = None,
          tokenizer=None, overwrite: bool = False) -> Path:
-    """`format`: "lowbit" or "awq" (AutoAWQ; `version` "gemm", the default, or "gemv")."""
+    """`format`: "lowbit", "awq" (AutoAWQ; `version` "gemm", the default, or "gemv"), "gptq" (GPTQ v1:
+    GPTQModel, vLLM, transformers) or "compressed-tensors" (pack-quantized: vLLM, llm-compressor)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "lowbit_tokenizer", None)
     return formats.save(model, out_dir, format=format, version=version, tokenizer=tokenizer, overwrite=overwrite)
 

@@ -1,6 +1,6 @@
-"""Save and load checkpoints: lowbit's own format and AutoAWQ's (versions gemm and gemv); GPTQ and
-compressed-tensors export arrive with the methods that produce them. Every write goes to a temporary
-directory first."""
+"""Save and load checkpoints: lowbit's own format, AutoAWQ's (versions gemm and gemv), GPTQ's
+(checkpoint_format "gptq", v1) and compressed-tensors' "pack-quantized". Every write goes to a
+temporary directory first."""
 
 from __future__ import annotations
 
@@ -10,29 +10,36 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from . import awq, native
+from . import awq, compressed_tensors, gptq, native
 from .atomic import atomic_dir, atomic_file
 
-FORMATS = ("lowbit", "awq")
+FORMATS = ("lowbit", "awq", "gptq", "compressed-tensors")
 
 
 def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", version: str | None = None,
          tokenizer=None, overwrite: bool = False) -> Path:
-    """`version` picks the AutoAWQ layout ("gemm", the default, or "gemv") with format="awq"."""
+    """`format`: "lowbit", "awq", "gptq" or "compressed-tensors"; `version` picks the AutoAWQ layout
+    ("gemm", the default, or "gemv") with format="awq"."""
     if format == "awq":
         return awq.save(model, out_dir, version=version or "gemm", tokenizer=tokenizer, overwrite=overwrite)
-    if format != "lowbit":
-        raise CheckpointError(f"format {format!r} is not available yet (available: {', '.join(FORMATS)})")
+    if format not in FORMATS:
+        raise CheckpointError(f"format {format!r} is not available (available: {', '.join(FORMATS)})")
     if version is not None:
         raise CheckpointError(f"version={version!r} applies to format='awq' only")
+    if format == "gptq":
+        return gptq.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+    if format == "compressed-tensors":
+        return compressed_tensors.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
     # lowbit's format stores WQLinear; a model read from an AWQ checkpoint converts losslessly
     with awq.wqlinear_modules(model):
         return native.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> nn.Module:
-    """A lowbit or AutoAWQ checkpoint into packed modules, or a plain HF checkpoint (safetensors only) in
-    `dtype`. An AWQ checkpoint's float tensors are loaded in `dtype` too (None: its own, float16)."""
+    """A lowbit, AutoAWQ, GPTQ or compressed-tensors (pack-quantized) checkpoint into packed modules,
+    or a plain HF checkpoint (safetensors only) in `dtype`. The float tensors of the other projects'
+    checkpoints are loaded in `dtype` too (None: the checkpoint's own); GPTQ and compressed-tensors
+    layers become `WQLinear`."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
@@ -43,6 +50,12 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     awq_cfg = awq.read_quant_config(path, cfg)
     if awq_cfg is not None:
         return awq.load(path, awq_cfg, device=device, dtype=dtype)
+    gptq_cfg = gptq.read_quant_config(path, cfg)
+    if gptq_cfg is not None:
+        return gptq.load(path, gptq_cfg, device=device, dtype=dtype)
+    ct_cfg = compressed_tensors.read_quant_config(path, cfg)
+    if ct_cfg is not None:
+        return compressed_tensors.load(path, ct_cfg, device=device, dtype=dtype)
     if method is not None:
         raise CheckpointError(f"{path} is a {method!r} checkpoint, which lowbit cannot load yet")
     # Refuse pickle-only directories before transformers would unpickle them, and truncated files

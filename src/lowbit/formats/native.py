@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidWeightsError
 from ..models import get_module, set_module
 from ..nn import QUANTIZED_MODULES, WQLinear
 from .atomic import atomic_dir
@@ -183,3 +183,55 @@ def _tied_names(model: nn.Module) -> set[str]:
 def _dtype(cfg: dict) -> torch.dtype:
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+# ---- shared by the formats that store packed layers in another project's layout -------------------
+
+def to_save_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A float tensor in the `dtype` a checkpoint stores it in; refuses values that would become inf
+    there (`what` names the format in the message). Other tensors pass through."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if not torch.isfinite(out).all() and torch.isfinite(t).all():
+        big = float(t.abs().max())
+        raise InvalidWeightsError(f"tensor {name} has values beyond {str(dtype).replace('torch.', '')}'s range "
+                                  f"(max |x| = {big:.4g}), the dtype {what} checkpoints store it in")
+    return out
+
+
+def empty_model(path: Path, dtype: torch.dtype | None) -> nn.Module:
+    """The architecture of the checkpoint at `path`, its weights not initialised (they are about to be
+    filled), float parameters in `dtype` (None: the dtype config.json names); its quantization_config
+    is dropped so transformers builds plain linears."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x, which a peer's environment may pin
+        from transformers.modeling_utils import no_init_weights
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if dtype is None:
+        dtype = _dtype(read_config(path))
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+
+
+def load_float_tensors(model: nn.Module, state: dict[str, torch.Tensor], path: Path, packed: set[str]) -> None:
+    """Loads `state` (every tensor of the checkpoint but those already turned into the packed
+    modules named in `packed`) into `model`, refusing unexpected, misshapen or missing tensors."""
+    expected = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in packed}
+    for k, v in state.items():
+        if k not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {k} (not part of {type(model).__name__})")
+        if tuple(expected[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(expected[k].shape)}")
+    tied = _tied_names(model)
+    missing = [k for k in expected if k not in state and k not in tied]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
