@@ -31,9 +31,9 @@ the package dequantizes in the scale's dtype. Reading takes any float dtype; sca
 (exact for bfloat16 and float16 scales within float16's range, rounded to the nearest float16 for
 float32 ones, refused when beyond it).
 
-Act-order layers (`WQLinear.perm`) are refused: the package dropped its g_idx ordering
-(actorder "group") in 0.19, and its current releases refuse such configs. Checkpoints written
-before that, with `weight_g_idx`, are read.
+Act-order layers (`WQLinear.perm`) are refused: the package has dropped its g_idx ordering
+(actorder "group"; 0.19 and 0.20 refuse such configs). Older checkpoints that carry `weight_g_idx`
+are read.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
 WEIGHTS_NAME = "model.safetensors"
 QUANT_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-LEGACY_ACTORDER = ("group", "dynamic")  # g_idx ordering, written by releases before 0.19
+LEGACY_ACTORDER = ("group", "dynamic")  # g_idx ordering, which older releases wrote
 
 __all__ = ["CTScheme", "CTConfig", "read_quant_config", "ct_tensors", "wqlinear_from_ct", "save", "load"]
 
@@ -240,6 +240,9 @@ def wqlinear_from_ct(t: dict[str, torch.Tensor], in_features: int, out_features:
             raise CheckpointError(f"{where}{k} has shape {tuple(v.shape)}, a {bits}-bit layer {in_features} -> "
                                   f"{out_features} with {'per-channel scales' if scheme.group_size is None else f'group size {g}'} "
                                   f"has {shape}")
+    if scheme.symmetric and "weight_zero_point" in t and bool(t["weight_zero_point"].any()):
+        # older releases stored all-zero zero points for symmetric layers too; others are a mismatch
+        raise CheckpointError(f"{where}weight_zero_point holds nonzero values, but the scheme is symmetric")
     if t["weight_shape"].tolist() != [out_features, in_features]:
         raise CheckpointError(f"{where}weight_shape says {t['weight_shape'].tolist()}, the model's layer is "
                               f"[{out_features}, {in_features}]")
@@ -281,7 +284,8 @@ def ct_layers(model: nn.Module) -> dict[str, WQLinear]:
         except SpecError as e:
             problems.append(str(e))
         out[name] = m
-    for name in _conv1d_names(model) & set(out):
+    conv1d = _conv1d_names(model)
+    for name in (n for n in out if n in conv1d):
         problems.append(f"layer {name}: a GPT-2-style Conv1D (weight stored [in, out]), which compressed-tensors' "
                         f"readers would unpack as an nn.Linear")
     if problems:
