@@ -147,3 +147,27 @@ def test_awq_format_refuses_3_bit_before_any_work(tmp_path, tiny_dir, capsys):
                        "--format", "awq", "--out", tmp_path / "q")
     assert_one_line_error(code, err, r"--format awq stores 4-bit asymmetric")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("fmt,key", [("gptq", "gptq"), ("compressed-tensors", "compressed-tensors")])
+def test_quantize_writes_gptq_and_compressed_tensors_checkpoints(tmp_path, tiny_dir, capsys, fmt, key):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", tiny_dir, "--recipe", "w3a16-rtn", "--group-size", "32",
+                            "--format", fmt, "--out", out)
+    assert code == 0, err
+    assert f"({fmt} format)" in stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == key
+    import lowbit
+    from lowbit.nn import WQLinear
+    assert any(isinstance(m, WQLinear) and m.bits == 3 for m in lowbit.load(out).modules())
+
+
+@pytest.mark.parametrize("fmt,recipe,extra,pattern", [
+    ("gptq", "w4a16-rtn", ["--bits", "5"], r"--format gptq stores 2, 3, 4 or 8-bit weights"),
+    ("compressed-tensors", "w4a16-gptq", [], r"--format compressed-tensors has no act-order.*w4a16-gptq"),
+])
+def test_formats_refuse_recipes_before_any_work(tmp_path, tiny_dir, capsys, fmt, recipe, extra, pattern):
+    code, _, err = run(capsys, "quantize", tiny_dir, "--recipe", recipe, "--group-size", "32", *extra,
+                       "--format", fmt, "--out", tmp_path / "q")
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "q").exists()

@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int)
     q.add_argument("--calib-seqlen", type=int)
     q.add_argument("--out", required=True)
-    q.add_argument("--format", default="lowbit", choices=["lowbit", "awq"],
-                   help="checkpoint format: lowbit's own, or AutoAWQ's (4-bit asymmetric; vLLM, SGLang, transformers)")
+    q.add_argument("--format", default="lowbit", choices=["lowbit", "awq", "gptq", "compressed-tensors"],
+                   help="checkpoint format: lowbit's own; AutoAWQ's (4-bit asymmetric; vLLM, SGLang, transformers); "
+                        "GPTQ v1 (2/3/4/8-bit; GPTQModel, vLLM, transformers); compressed-tensors pack-quantized "
+                        "(no act-order; vLLM, llm-compressor)")
     q.add_argument("--awq-version", default="gemm", choices=["gemm", "gemv"], help="AutoAWQ layout (--format awq)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--device", default=None)
@@ -80,6 +82,22 @@ def default_bos(model) -> bool:
     return str(getattr(model.config, "model_type", "")).startswith("gemma")
 
 
+def check_recipe_fits_format(recipe, fmt: str) -> None:
+    """Refuse a recipe whose weights the checkpoint format cannot hold (the layer shapes are checked
+    when saving)."""
+    w = recipe.weights
+    if fmt == "awq" and (w.bits != 4 or w.symmetric or w.dtype != "int"):
+        raise LowbitError(f"--format awq stores 4-bit asymmetric integer weights; recipe {recipe.name} has {w}")
+    if fmt in ("gptq", "compressed-tensors") and w.dtype != "int":
+        raise LowbitError(f"--format {fmt} stores integer weights (uniform levels); recipe {recipe.name} has {w}")
+    if fmt == "gptq" and w.bits not in (2, 3, 4, 8):
+        raise LowbitError(f"--format gptq stores 2, 3, 4 or 8-bit weights; recipe {recipe.name} has {w}")
+    if fmt == "compressed-tensors" and any(step.get("act_order") for step in recipe.steps):
+        raise LowbitError(f"--format compressed-tensors has no act-order (its g_idx ordering was removed); recipe "
+                          f"{recipe.name} quantizes with act_order: use --format gptq or lowbit, or a recipe with "
+                          f"act_order: false")
+
+
 def cmd_quantize(a) -> None:
     from . import api, calib
     from .recipes import load_recipe
@@ -90,10 +108,7 @@ def cmd_quantize(a) -> None:
     recipe = load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric)
     if a.calib is not None and not Path(a.calib).is_file():
         raise LowbitError(f"calibration file {a.calib} does not exist")
-    w = recipe.weights
-    if a.format == "awq" and (w.bits != 4 or w.symmetric or w.dtype != "int"):
-        # AutoAWQ's layouts hold 4-bit asymmetric integer codes only: refuse before the work, not after
-        raise LowbitError(f"--format awq stores 4-bit asymmetric integer weights; recipe {recipe.name} has {w}")
+    check_recipe_fits_format(recipe, a.format)  # before minutes of work, not after
     t0 = time.perf_counter()
     model = api.load(a.model)
     src = calib.text_file(a.calib) if a.calib else None
