@@ -96,3 +96,32 @@ def test_pickle_only_directory_is_refused_without_unpickling(tmp_path):
 def test_missing_directory_is_refused(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         lowbit.load(tmp_path / "nowhere")
+
+
+def test_act_order_layers_round_trip_bit_for_bit(tmp_path):
+    """A WQLinear with an act-order perm (GPTQ's desc_act) keeps its perm, codes and outputs exactly."""
+    from lowbit.quant import PerGroup, QuantSpec
+
+    model = quantized("qwen2")  # q/k/v carry a bias
+    g = torch.Generator().manual_seed(0)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, WQLinear):
+            spec = QuantSpec(bits=m.bits, symmetric=False, granularity=PerGroup(m.group_size))
+            new = WQLinear.from_codes(m.codes(), m.scales, m.zeros(), spec, bias=m.bias,
+                                      perm=torch.randperm(m.in_features, generator=g), name=name)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = lowbit.save(model, tmp_path / "q")
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert modules and all(c["act_order"] for c in modules.values())
+    loaded = lowbit.load(out)
+    for name, m in model.named_modules():
+        if isinstance(m, WQLinear):
+            lm = loaded.get_submodule(name)
+            assert torch.equal(lm.perm, m.perm) and torch.equal(lm.qweight, m.qweight)
+            assert torch.equal(lm.g_idx(), m.g_idx())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
