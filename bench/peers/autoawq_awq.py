@@ -20,35 +20,26 @@ the 20 grid points. The folded model then no longer computes the float function 
 blocks of scale folding alone move the logits by ~25). Unless `--stock` is given, the snapshot is made
 with real copies (the only change; the search itself is AutoAWQ's). `--stock` runs it unmodified.
 
-Run with `-P` so bench/peers/venv.py cannot shadow the standard library's `venv`.
+Run with `-P` so bench/peers/venv.py cannot shadow the standard library's `venv`; the helpers shared
+with the other peer scripts come from bench/peers/peer_side.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parent))  # after the standard library (see peer_side.py)
+from peer_side import load_calibration, logger, peer_args, save_outputs, timed  # noqa: E402
 
-def log(msg: str) -> None:
-    print(f"[autoawq] {msg}", file=sys.stderr, flush=True)
+log = logger("autoawq")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--samples", required=True)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--stock", action="store_true", help="run AutoAWQ unmodified (keeps its CPU aliasing bug)")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = peer_args(lambda ap: ap.add_argument(
+        "--stock", action="store_true", help="run AutoAWQ unmodified (keeps its CPU aliasing bug)"))
 
     import awq
     import transformers
@@ -56,7 +47,6 @@ def main() -> None:
     from awq.modules.linear.gemm import WQLinear_GEMM
     from awq.quantize.quantizer import AwqQuantizer
     from awq.utils.packing_utils import dequantize_gemm
-    from safetensors.torch import load_file, save_file
 
     notes = []
 
@@ -83,9 +73,8 @@ def main() -> None:
         quantizer_cls = CopySnapshotQuantizer
         notes.append("scale-search snapshot made with copies (fixes CPU aliasing bug in _compute_best_scale)")
 
-    ids = load_file(args.samples)["input_ids"].long()
+    ids = load_calibration(args.samples, log)
     n, seqlen = ids.shape
-    log(f"calibration: {n} x {seqlen} tokens (from {args.samples})")
 
     log(f"loading {args.model}")
     tok = transformers.AutoTokenizer.from_pretrained(args.model)
@@ -95,11 +84,9 @@ def main() -> None:
     log(f"quantize {quant_config} (autoawq {awq.__version__}; slow on CPU: several minutes)")
     # A list of token-id lists is taken as is; AutoAWQ concatenates the samples and cuts blocks of
     # max_calib_seq_len, which gives back exactly these n windows.
-    t0, c0 = time.perf_counter(), time.process_time()
-    model.quantize(tok, quant_config=quant_config, calib_data=ids.tolist(), max_calib_samples=n,
-                   max_calib_seq_len=seqlen, quantizer_cls=quantizer_cls)
-    quant_seconds = time.perf_counter() - t0
-    quant_cpu_seconds = time.process_time() - c0
+    _, quant_seconds, quant_cpu_seconds = timed(lambda: model.quantize(
+        tok, quant_config=quant_config, calib_data=ids.tolist(), max_calib_samples=n, max_calib_seq_len=seqlen,
+        quantizer_cls=quantizer_cls))
     log(f"quantize done in {quant_seconds:.1f} s (CPU time {quant_cpu_seconds:.1f} s)")
 
     hf = model.model
@@ -116,20 +103,11 @@ def main() -> None:
         for pname, p in hf.named_parameters():  # norms, embeddings, lm_head (tied ones once)
             tensors.setdefault(pname, p.detach().to(torch.float32).contiguous().clone())
     log(f"unpacked {n_quant} WQLinear_GEMM modules")
-    save_file(tensors, str(out / "model.safetensors"))
-
-    result = {
-        "peer": "autoawq",
-        "quant_seconds": quant_seconds,
-        "quant_cpu_seconds": quant_cpu_seconds,  # all threads of the process
-        "quantized_linears": n_quant,
-        "versions": {"autoawq": awq.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__},
-        "config": {**quant_config, "calibration": [int(n), int(seqlen)], "stock": bool(args.stock)},
-        "notes": notes,
-    }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    log(f"wrote {out}")
+    save_outputs(args.out, tensors, log, peer="autoawq", seconds=quant_seconds, cpu_seconds=quant_cpu_seconds,
+                 quantized_linears=n_quant, notes=notes,
+                 versions={"autoawq": awq.__version__, "transformers": transformers.__version__,
+                           "torch": torch.__version__},
+                 config={**quant_config, "calibration": [int(n), int(seqlen)], "stock": bool(args.stock)})
 
 
 if __name__ == "__main__":

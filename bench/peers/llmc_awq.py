@@ -11,121 +11,48 @@ asymmetric, per group, every Linear but lm_head), and writes
     OUT/result.json         quantization wall time (the `oneshot` call only, model load excluded),
                             versions, notes
 
-Run with `-P` so bench/peers/venv.py cannot shadow the standard library's `venv`.
+Run with `-P` so bench/peers/venv.py cannot shadow the standard library's `venv`; the helpers shared
+with the other peer scripts come from bench/peers/peer_side.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
-import torch
+sys.path.append(str(Path(__file__).resolve().parent))  # after the standard library (see peer_side.py)
+from peer_side import llmc_dense, llmc_oneshot, llmc_versions, load_calibration, logger, peer_args, save_outputs  # noqa: E402
 
-
-def log(msg: str) -> None:
-    print(f"[llmcompressor] {msg}", file=sys.stderr, flush=True)
+log = logger("llmcompressor")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--samples", required=True)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    import compressed_tensors
-    import llmcompressor
-    import transformers
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.modifiers.transform.awq import AWQModifier
-    from llmcompressor.pipelines.cache import IntermediatesCache
-    from safetensors.torch import load_file, save_file
-
+    args = peer_args()
     notes = []
-    # CPU only: the sequential pipeline pins cached activations for async host-to-device copies,
-    # which needs an accelerator. Nothing is copied anywhere here, so pinning is skipped.
-    if not torch.cuda.is_available():
-        IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
-        notes.append("IntermediatesCache._pin_intermediate patched to a no-op (CPU)")
-
-    ids = load_file(args.samples)["input_ids"].long()
+    ids = load_calibration(args.samples, log)
     n, seqlen = ids.shape
-    log(f"calibration: {n} x {seqlen} tokens (from {args.samples})")
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
-    log(f"loading {args.model}")
-    tok = transformers.AutoTokenizer.from_pretrained(args.model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
+    def recipe() -> list:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=False, strategy="group",
-                               group_size=args.group_size, dynamic=False)
-    recipe = [
-        AWQModifier(),  # defaults: mappings by architecture, duo_scaling=True, n_grid=20
-        QuantizationModifier(config_groups={"g0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                             ignore=["lm_head"]),
-    ]
+        weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=False, strategy="group",
+                                   group_size=args.group_size, dynamic=False)
+        return [
+            AWQModifier(),  # defaults: mappings by architecture, duo_scaling=True, n_grid=20
+            QuantizationModifier(config_groups={"g0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                 ignore=["lm_head"]),
+        ]
 
-    log(f"oneshot AWQ W{args.bits} g{args.group_size} asym (llmcompressor {llmcompressor.__version__})")
-    t0, c0 = time.perf_counter(), time.process_time()
-    model = oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=n,
-                    max_seq_length=seqlen, shuffle_calibration_samples=False, batch_size=1)
-    quant_seconds = time.perf_counter() - t0
-    quant_cpu_seconds = time.process_time() - c0
-    log(f"oneshot done in {quant_seconds:.1f} s (CPU time {quant_cpu_seconds:.1f} s)")
-
-    # The modules keep float weights plus weight_scale / weight_zero_point and quantize on the fly in
-    # forward; bake the quantize-dequantize into the weights so any plain model reproduces them.
-    quant_params = set()
-    n_quant = 0
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            scheme = getattr(module, "quantization_scheme", None)
-            if scheme is None or scheme.weights is None or not hasattr(module, "weight_scale"):
-                continue
-            zp = getattr(module, "weight_zero_point", None)
-            deq = fake_quantize(module.weight.data.float(), module.weight_scale.data, zp.data if zp is not None
-                                else None, scheme.weights)
-            module.weight.data.copy_(deq.to(module.weight.dtype))
-            n_quant += 1
-            for pname, _ in module.named_parameters(recurse=False):
-                if pname != "weight" and pname != "bias":
-                    quant_params.add(f"{name}.{pname}" if name else pname)
-    log(f"baked fake quantization into {n_quant} Linear weights")
-
-    tensors = {}
-    for pname, p in model.named_parameters():  # tied parameters appear once
-        if pname in quant_params:
-            continue
-        tensors[pname] = p.detach().to(torch.float32).contiguous().clone()
-    save_file(tensors, str(out / "model.safetensors"))
-
-    result = {
-        "peer": "llmcompressor",
-        "quant_seconds": quant_seconds,
-        "quant_cpu_seconds": quant_cpu_seconds,  # all threads of the process
-        "quantized_linears": n_quant,
-        "versions": {"llmcompressor": llmcompressor.__version__,
-                     "compressed_tensors": compressed_tensors.__version__,
-                     "transformers": transformers.__version__, "torch": torch.__version__},
-        "config": {"bits": args.bits, "group_size": args.group_size, "symmetric": False,
-                   "awq": {"duo_scaling": True, "n_grid": 20}, "ignore": ["lm_head"],
-                   "calibration": [int(n), int(seqlen)]},
-        "notes": notes,
-    }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    log(f"wrote {out}")
+    model, quant_seconds, quant_cpu_seconds = llmc_oneshot(
+        args.model, ids, recipe, f"AWQ W{args.bits} g{args.group_size} asym", log, notes)
+    tensors, n_quant, _ = llmc_dense(model, log)
+    save_outputs(args.out, tensors, log, peer="llmcompressor", seconds=quant_seconds, cpu_seconds=quant_cpu_seconds,
+                 quantized_linears=n_quant, versions=llmc_versions(), notes=notes,
+                 config={"bits": args.bits, "group_size": args.group_size, "symmetric": False,
+                         "awq": {"duo_scaling": True, "n_grid": 20}, "ignore": ["lm_head"],
+                         "calibration": [int(n), int(seqlen)]})
 
 
 if __name__ == "__main__":
