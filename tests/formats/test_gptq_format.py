@@ -93,6 +93,26 @@ def test_act_order_round_trip(tmp_path, monkeypatch):
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
 
 
+def test_lowbits_gptq_recipe_round_trips(tmp_path, monkeypatch):
+    """What the format is for: lowbit's GPTQ (act-order, asymmetric) written and read back."""
+    monkeypatch.setenv("LOWBIT_WINT_BACKEND", "ref")
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # what the file's float16 holds
+    model = lowbit.quantize(model, "w4a16-gptq", calib=calib, group_size=32, progress=False)
+    assert all(m.perm is not None for m in layers(model).values())
+    out = lowbit.save(model, tmp_path / "q", format="gptq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["desc_act"], qc["sym"], qc["meta"]["damp_percent"], qc["meta"]["true_sequential"]) == (
+        True, False, 0.01, True)
+    loaded = lowbit.load(out)
+    for n, m in layers(model).items():
+        assert torch.equal(loaded.get_submodule(n).dequantize_weight(), m.dequantize_weight())
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-4, atol=1e-4)
+
+
 def test_act_order_layer_through_lowbits_own_format_and_back(tmp_path):
     model = with_act_order(quantized("qwen2"))  # q/k/v carry a bias
     native = lowbit.load(lowbit.save(lowbit.load(lowbit.save(model, tmp_path / "g", format="gptq")), tmp_path / "n"))

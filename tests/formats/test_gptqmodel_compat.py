@@ -238,6 +238,20 @@ def test_lowbit_checkpoints_load_into_gptqmodel(float_llama, tmp_path, bits, sym
     compare_models(lowbit.load(out), theirs, record_property, f"lowbit ckpt w{bits} sym={sym} act={act_order}")
 
 
+def test_lowbits_gptq_recipe_loads_into_gptqmodel(float_llama, tmp_path, record_property, monkeypatch):
+    """lowbit's own GPTQ (w4a16-gptq: act-order, asymmetric), as a user would export it."""
+    calib = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))
+    model = lowbit.quantize(lowbit.load(float_llama), "w4a16-gptq", calib=calib, group_size=32, progress=False)
+    out = lowbit.save(model, tmp_path / "lowbit-gptq", format="gptq", tokenizer=tiny_tokenizer())
+    for f in (out / "config.json", out / "quantize_config.json"):  # GPTQModel's provenance check, as above
+        cfg = json.loads(f.read_text())
+        (cfg.get("quantization_config", cfg))["meta"]["quantizer"].append(f"gptqmodel:{gptqmodel.__version__}")
+        f.write_text(json.dumps(cfg))
+    theirs = gptqmodel_load(out)
+    monkeypatch.setenv("LOWBIT_WINT_BACKEND", "ref")
+    compare_models(lowbit.load(out), theirs, record_property, "lowbit w4a16-gptq ckpt")
+
+
 # ---- (b) what GPTQModel writes, lowbit reads --------------------------------------------------------
 
 def gptqmodel_quantize(float_dir, out_dir, bits, sym, desc_act, group_size):
