@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError, InvalidWeightsError, SpecError
+from ..errors import CheckpointError, SpecError
 from ..models import find_module, is_linear, linear_shape, set_module
 from ..nn import AWQ_LAYOUTS, QUANTIZED_MODULES, AWQLinear, WQLinear
 from ..nn.awq_linear import check_awq_compatible
@@ -153,14 +153,7 @@ def _float_linears(model: nn.Module, quantized: dict) -> list[str]:
 
 
 def _to_save_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if not t.is_floating_point() or t.dtype == dtype:
-        return t
-    out = t.to(dtype)
-    if not torch.isfinite(out).all() and torch.isfinite(t).all():
-        big = float(t.abs().max())
-        raise InvalidWeightsError(f"tensor {name} has values beyond {str(dtype).replace('torch.', '')}'s range "
-                                  f"(max |x| = {big:.4g}), the dtype AutoAWQ checkpoints store it in")
-    return out
+    return native.to_save_dtype(name, t, dtype, "AutoAWQ")
 
 
 def save(model: nn.Module, out_dir: str | Path, *, version: str = "gemm", tokenizer=None,
