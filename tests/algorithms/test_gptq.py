@@ -138,3 +138,19 @@ def test_model_quantizes_saves_and_reloads(tmp_path):
 def test_gptq_needs_calibration():
     with pytest.raises(Exception, match="calib"):
         lowbit.quantize(tiny_model("llama"), load_recipe("w4a16-gptq", group_size=16), progress=False)
+
+
+def test_bf16_forwards_stay_close_to_float32():
+    """forward_dtype="bfloat16" only changes the calibration forwards: the result stays near fp32's."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = {}
+    for dt in ("float32", "bfloat16"):
+        rec = load_recipe("w4a16-gptq", group_size=16)
+        rec.steps[0]["forward_dtype"] = dt
+        q = lowbit.quantize(copy.deepcopy(model), rec, calib=ids, progress=False)
+        with torch.no_grad():
+            errs[dt] = float((q(ids).logits - ref).norm() / ref.norm())
+    assert errs["bfloat16"] < 1.1 * errs["float32"]

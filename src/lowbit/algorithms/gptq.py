@@ -105,8 +105,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size:
 
     Returns {"codes" [out, in] float (integer valued, in stored column order), "scales" and
     "zeros" [out, in / G] (zeros None when symmetric), "perm" (LongTensor or None: stored column j is
-    input channel perm[j]), "weight" [out, in] float32: the dequantized weight in model order,
-    "loss": the summed error sum_j err_j^2 (GPTQ's own measure, for logs)}.
+    input channel perm[j]), "weight" [out, in] float32: the dequantized weight in model order}.
     """
     W = w.detach().float().clone()
     out_f, in_f = W.shape
@@ -132,40 +131,48 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size:
     H.diagonal().add_(damp)
     U = _inverse_cholesky(H)
 
-    Q = torch.zeros_like(W)  # codes
-    Wq = torch.zeros_like(W)  # their values
-    scales = torch.zeros(out_f, n_groups, device=W.device)
-    zeros = None if spec.symmetric else torch.zeros(out_f, n_groups, device=W.device)
-    loss = torch.zeros((), device=W.device)
+    # Columns become rows: every per-column step below reads and writes contiguous memory.
+    Wt = W.t().contiguous()  # [in, out]
+    Q = torch.empty_like(Wt)  # codes, row j = column j
+    col_scale = torch.empty_like(Wt)  # each column's scale and zero (rows of its group's)
+    col_zero = None if spec.symmetric else torch.empty_like(Wt)
     s = z = None
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]  # a view: this block's columns are updated in place
+        E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
                 g = int(perm[col]) // group_size if perm is not None else col // group_size
                 s, z = static[g]
+                s, z = s[:, 0], (None if z is None else z[:, 0])
             elif col % group_size == 0:
-                # the group's columns as they stand now: this block's updated ones, then later blocks'
-                k = min(group_size, i2 - col)
-                cols = W1[:, i : i + k] if k == group_size else torch.cat([W1[:, i:], W[:, i2 : col + group_size]], 1)
-                s, z = group_qparams(cols, spec, clip_grid, max_shrink)
-                scales[:, col // group_size] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, col // group_size] = z[:, 0]
-            wc = W1[:, i : i + 1]
-            q, wq = _round(wc, s, z, spec)
-            Q[:, col : col + 1] = q
-            Wq[:, col : col + 1] = wq
-            d = U1[i, i]
-            err = (wc - wq) / d
-            loss += err.pow(2).sum()
-            W1[:, i:].addmm_(err, U1[i : i + 1, i:], alpha=-1)
-            E1[:, i : i + 1] = err
-        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+                # the group's columns as they stand now (this block's already corrected)
+                s, z = group_qparams(Wt[col : col + group_size].t(), spec, clip_grid, max_shrink)
+                s, z = s[:, 0], (None if z is None else z[:, 0])
+            w = W1[i]
+            q = torch.div(w, s).round_()
+            if z is not None:
+                q.add_(z).clamp_(spec.qmin, spec.qmax)
+                wq = (q - z).mul_(s)
+                col_zero[col] = z
+            else:
+                q.clamp_(spec.qmin, spec.qmax)
+                wq = q * s
+            Q[col] = q
+            col_scale[col] = s
+            err = w.sub_(wq).div_(U1[i, i])  # W1[i] is not needed after this column
+            E1[i] = err
+            if i + 1 < i2 - i1:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)
+        if i2 < in_f:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
+    Wq = ((Q - col_zero) * col_scale if col_zero is not None else Q * col_scale).t().contiguous()
+    Q = Q.t().contiguous()
+    scales = col_scale[::group_size].t().contiguous()
+    zeros = None if col_zero is None else col_zero[::group_size].t().contiguous()
 
     if static is not None:  # groups live in model order: the codes go back there, no perm to keep
         if perm is not None:
@@ -176,7 +183,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size:
         zeros = None if spec.symmetric else torch.cat([st[1] for st in static], 1)
 
     weight = Wq if perm is None else torch.empty_like(Wq).index_copy_(1, perm, Wq)
-    return {"codes": Q, "scales": scales, "zeros": zeros, "perm": perm, "weight": weight, "loss": float(loss)}
+    return {"codes": Q, "scales": scales, "zeros": zeros, "perm": perm, "weight": weight}
 
 
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
@@ -203,7 +210,7 @@ class GPTQ(Algorithm):
 
     def __init__(self, spec: QuantSpec, percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
                  static_groups: bool = False, true_sequential: bool = True, clip_grid: int = 0,
-                 max_shrink: float = 0.8):
+                 max_shrink: float = 0.8, forward_dtype: str = "float32"):
         if spec.is_codebook:
             raise ValueError("GPTQ here rounds onto a uniform grid; codebook (NF4) weights are not supported")
         if not 0 <= percdamp < 1:
@@ -216,14 +223,18 @@ class GPTQ(Algorithm):
         self.true_sequential = bool(true_sequential)
         self.clip_grid = int(clip_grid)
         self.max_shrink = float(max_shrink)
-        self.losses: dict[str, float] = {}
+        # the dtype of the calibration forwards that produce the Hessians and the next block's inputs
+        if forward_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"forward_dtype must be 'float32' or 'bfloat16', got {forward_dtype!r}")
+        self.forward_dtype = getattr(torch, forward_dtype)
 
     def prepare(self, model, adapter) -> None:
         check_weights(model, adapter, self.spec)
 
     @torch.no_grad()
     def collect_hessians(self, ctx, names: list[str]) -> dict[str, Hessian]:
-        """One forward of the block (as it stands) recording H for each named linear's input."""
+        """H for each named linear's input, from a forward of the block as it stands (stopped as soon
+        as the last of them has its input)."""
         hs: dict[str, Hessian] = {}
 
         def record(name, x):
@@ -231,8 +242,7 @@ class GPTQ(Algorithm):
                 hs[name] = Hessian(x.shape[-1], x.device)
             hs[name].add(x)
 
-        with ctx.hook_inputs(names, record):
-            ctx.forward()
+        ctx.run_inputs(names, record)
         return hs
 
     @torch.no_grad()
@@ -267,7 +277,6 @@ class GPTQ(Algorithm):
                                   block_size=self.block_size, act_order=self.act_order,
                                   static_groups=self.static_groups, clip_grid=self.clip_grid,
                                   max_shrink=self.max_shrink)
-                self.losses[f"{ctx.name}.{names[0]}"] = r["loss"]
                 rows = [t.shape[0] for t in ws]
                 parts = zip(names, mods, r["codes"].split(rows), r["scales"].split(rows),
                             r["zeros"].split(rows) if r["zeros"] is not None else [None] * len(rows),
@@ -286,4 +295,5 @@ class GPTQ(Algorithm):
     def config(self) -> dict:
         return {"method": self.name, "percdamp": self.percdamp, "block_size": self.block_size,
                 "act_order": self.act_order, "static_groups": self.static_groups,
-                "true_sequential": self.true_sequential, "clip_grid": self.clip_grid, "max_shrink": self.max_shrink}
+                "true_sequential": self.true_sequential, "clip_grid": self.clip_grid, "max_shrink": self.max_shrink,
+                "forward_dtype": str(self.forward_dtype).replace("torch.", "")}

@@ -16,7 +16,7 @@ Algorithms that need no data (RTN) run through the same loop with no inputs.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -110,6 +110,13 @@ class BlockContext:
     chunks: list[Chunk] = field(default_factory=list)
     float_outputs: list[torch.Tensor] | None = None  # set when an algorithm asked for them
     state: dict = field(default_factory=dict)  # algorithms may leave notes for the ones after them
+    # bf16: the block's calibration forwards run under autocast (AMX), 3-4x faster than fp32 here
+    forward_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        if self.forward_dtype in (None, torch.float32):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.forward_dtype)
 
     @property
     def has_data(self) -> bool:
@@ -130,7 +137,8 @@ class BlockContext:
     def forward(self, module: nn.Module | None = None) -> list[torch.Tensor]:
         """Runs the block (or another module taking the block's inputs) over all calibration chunks."""
         module = self.block if module is None else module
-        return [call_block(module, h, kw) for h, kw in self.inputs()]
+        with self.autocast():
+            return [call_block(module, h, kw) for h, kw in self.inputs()]
 
     @contextmanager
     def hook_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None]):
@@ -149,6 +157,27 @@ class BlockContext:
         finally:
             for h in handles:
                 h.remove()
+
+    @torch.no_grad()
+    def run_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Calls fn(name, x) with each named submodule's input over all chunks, running each chunk's
+        forward only until every named module has been reached (what comes after them is not needed,
+        which saves most of a forward for the first linears of a block)."""
+        pending: set[str] = set()
+
+        def record(name, x):
+            fn(name, x)
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
+        with self.hook_inputs(names, record), self.autocast():
+            for h, kw in self.inputs():
+                pending.update(names)
+                try:
+                    call_block(self.block, h, kw)
+                except _StopForward:
+                    pass
 
     @torch.no_grad()
     def collect_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -209,7 +238,8 @@ class BlockRunner:
         bar = tqdm(range(len(self.blocks)), desc="quantizing blocks", disable=not self.progress, unit="block")
         for i in bar:
             block = self.blocks[i].to(self.device)
-            ctx = BlockContext(i, f"{prefix}.{i}", block, self.adapter, self.device, self.chunks)
+            ctx = BlockContext(i, f"{prefix}.{i}", block, self.adapter, self.device, self.chunks,
+                               forward_dtype=getattr(algorithms[-1], "forward_dtype", None))
             # The last step (the one that rounds) says what feeds the next block: AWQ alone passes
             # float outputs on as AutoAWQ does; AWQ's scales then GPTQ's rounding pass quantized ones.
             want_float = calibrated and getattr(algorithms[-1], "propagate", "quantized") == "float"
