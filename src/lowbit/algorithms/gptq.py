@@ -30,6 +30,7 @@ The next block sees the quantized block's outputs (`propagate = "quantized"`), a
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -97,16 +98,35 @@ def _round(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Quant
     return q, q * s
 
 
+@contextmanager
+def _one_thread():
+    """The column loop is thousands of small vector ops: with two OpenMP threads each op pays a fork
+    and join, and when another process holds a core the join waits for it (measured here, a shared
+    2-core machine: 0.2-0.4 s per layer on one thread against 3-10 s on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size: int, *, percdamp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
                   clip_grid: int = 0, max_shrink: float = 0.8) -> dict:
-    """GPTQ on one weight `[out, in]` with Hessian H `[in, in]`.
+    """GPTQ on one weight `[out, in]` with Hessian H `[in, in]` (run on one thread, see _one_thread).
 
     Returns {"codes" [out, in] float (integer valued, in stored column order), "scales" and
     "zeros" [out, in / G] (zeros None when symmetric), "perm" (LongTensor or None: stored column j is
     input channel perm[j]), "weight" [out, in] float32: the dequantized weight in model order}.
     """
+    with _one_thread():
+        return _gptq_quantize(w, H, spec, group_size, percdamp, block_size, act_order, static_groups, clip_grid,
+                              max_shrink)
+
+
+def _gptq_quantize(w, H, spec, group_size, percdamp, block_size, act_order, static_groups, clip_grid, max_shrink):
     W = w.detach().float().clone()
     out_f, in_f = W.shape
     if in_f % group_size:
@@ -186,6 +206,45 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size:
     return {"codes": Q, "scales": scales, "zeros": zeros, "perm": perm, "weight": weight}
 
 
+@torch.no_grad()
+def collect_hessians(ctx, names: list[str]) -> dict[str, Hessian]:
+    """H for each named linear's input, from a forward of the block as it stands (stopped as soon
+    as the last of them has its input)."""
+    hs: dict[str, Hessian] = {}
+
+    def record(name, x):
+        if name not in hs:
+            hs[name] = Hessian(x.shape[-1], x.device)
+        hs[name].add(x)
+
+    ctx.run_inputs(names, record)
+    return hs
+
+
+def sequential_owners(adapter, linears, true_sequential: bool = True) -> list[list[tuple[str, ...]]]:
+    """The block's linears (those named in `linears`) in the order they are rounded: one list per
+    step (the adapter's sequential order, or a single step), each step a list of tuples of linears
+    that read the same input and so share one Hessian (q/k/v, gate/up)."""
+    steps = [tuple(n for n in step if n in linears) for step in adapter.sequential]
+    steps = [s for s in steps if s]
+    if not true_sequential:
+        steps = [tuple(n for s in steps for n in s)]
+    shared = {}
+    for group in adapter.shared_input:
+        for n in group:
+            shared[n] = group
+    out = []
+    for step in steps:
+        owners = []
+        for n in step:
+            key = shared.get(n, (n,))
+            key = tuple(k for k in key if k in step) or (n,)
+            if key not in owners:
+                owners.append(key)
+        out.append(owners)
+    return out
+
+
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
     """chol(H^-1, upper), raising the damping if H is not positive definite in float32."""
     damp = torch.mean(torch.diag(H)) * 0.01
@@ -231,42 +290,16 @@ class GPTQ(Algorithm):
     def prepare(self, model, adapter) -> None:
         check_weights(model, adapter, self.spec)
 
-    @torch.no_grad()
     def collect_hessians(self, ctx, names: list[str]) -> dict[str, Hessian]:
-        """H for each named linear's input, from a forward of the block as it stands (stopped as soon
-        as the last of them has its input)."""
-        hs: dict[str, Hessian] = {}
-
-        def record(name, x):
-            if name not in hs:
-                hs[name] = Hessian(x.shape[-1], x.device)
-            hs[name].add(x)
-
-        ctx.run_inputs(names, record)
-        return hs
+        return collect_hessians(ctx, names)
 
     @torch.no_grad()
     def quantize_block(self, ctx) -> None:
         if not ctx.has_data:
             raise RuntimeError("GPTQ needs calibration data")
         linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, WQLinear)}
-        steps = [tuple(n for n in step if n in linears) for step in ctx.adapter.sequential]
-        steps = [s for s in steps if s]
-        if not self.true_sequential:
-            steps = [tuple(n for s in steps for n in s)]
-        shared = {}
-        for group in ctx.adapter.shared_input:
-            for n in group:
-                shared[n] = group
         results = {}
-        for step in steps:
-            # linears reading one tensor share a Hessian: record it once, round them stacked
-            owners = []
-            for n in step:
-                key = shared.get(n, (n,))
-                key = tuple(k for k in key if k in step) or (n,)
-                if key not in owners:
-                    owners.append(key)
+        for owners in sequential_owners(ctx.adapter, linears, self.true_sequential):
             hs = self.collect_hessians(ctx, [o[0] for o in owners])
             for names in owners:
                 mods = [linears[n] for n in names]
