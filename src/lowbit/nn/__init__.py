@@ -1,8 +1,10 @@
 """Packed modules that replace `nn.Linear`."""
 
 from .awq_linear import AWQ_LAYOUTS, AWQLinear, AWQLinearGEMM, AWQLinearGEMV
+from .spqr_linear import SpQRLinear
 from .wq_linear import WQLinear
 
-QUANTIZED_MODULES = {"WQLinear": WQLinear, "AWQLinearGEMM": AWQLinearGEMM, "AWQLinearGEMV": AWQLinearGEMV}
+QUANTIZED_MODULES = {"WQLinear": WQLinear, "AWQLinearGEMM": AWQLinearGEMM, "AWQLinearGEMV": AWQLinearGEMV,
+                     "SpQRLinear": SpQRLinear}
 
-__all__ = ["WQLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]
+__all__ = ["WQLinear", "SpQRLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]
