@@ -64,21 +64,23 @@ def _minmax_round(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, maxq: int
 def loo_error_reduction(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Tensor:
     """For a group w `[rows, G]` with U's diagonal d `[G]` over its columns: `[rows, G]`, how much the
     row's sum_k ((w_k - q(w_k)) / d_k)^2 drops when weight k is left out of the min-max fit and of the
-    sum (it would be kept exactly)."""
+    sum (it would be kept exactly).
+
+    Leaving out a weight that is neither the row's minimum nor its maximum leaves the grid as it was:
+    the drop is that weight's own error term. Only the two extremes need a refit (on the second
+    smallest or second largest value), so this costs three roundings of the group, not G."""
     maxq = 2**bits - 1
-    rows, G = w.shape
-    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-    base = ((_minmax_round(w, lo, hi, maxq) - w) / d).square_().sum(1, keepdim=True)  # [rows, 1]
-    # min and max without weight k: the second smallest (largest) where k is the smallest (largest)
-    low2, ilow = w.topk(2, dim=1, largest=False)
+    low2, ilow = w.topk(2, dim=1, largest=False)  # [rows, 2]
     high2, ihigh = w.topk(2, dim=1)
-    k = torch.arange(G, device=w.device)
-    lo_k = torch.where(k == ilow[:, :1], low2[:, 1:], low2[:, :1])[:, :, None]  # [rows, G (left out), 1]
-    hi_k = torch.where(k == ihigh[:, :1], high2[:, 1:], high2[:, :1])[:, :, None]
-    x = w[:, None, :]  # [rows, 1, G]
-    e = ((_minmax_round(x, lo_k, hi_k, maxq) - x) / d).square_()  # [rows, G (left out), G]
-    e.diagonal(dim1=1, dim2=2).zero_()
-    return base - e.sum(2)
+    lo, hi = low2[:, :1], high2[:, :1]
+    e = ((_minmax_round(w, lo, hi, maxq) - w) / d).square_()  # [rows, G]
+    base = e.sum(1, keepdim=True)
+    red = e.clone()
+    for grid_lo, grid_hi, k in ((low2[:, 1:], hi, ilow[:, :1]), (lo, high2[:, 1:], ihigh[:, :1])):
+        ek = ((_minmax_round(w, grid_lo, grid_hi, maxq) - w) / d).square_()
+        loo = ek.sum(1, keepdim=True) - ek.gather(1, k)
+        red.scatter_(1, k, base - loo)
+    return red
 
 
 def group_minmax(w: torch.Tensor, bits: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +91,7 @@ def group_minmax(w: torch.Tensor, bits: int, exclude: torch.Tensor | None = None
         keep = ~exclude
         mean = (w * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
         w = torch.where(keep, w, mean)
-    lo, hi = w.aminmax(dim=1)
+    lo, hi = w.amin(1), w.amax(1)  # (aminmax stalls under thread contention on CPU)
     scale = (hi - lo) / (2**bits - 1)
     ok = scale > 0
     if not bool(ok.all()):
@@ -171,7 +173,7 @@ def spqr_quantize(w: torch.Tensor, H: torch.Tensor, *, bits: int = 3, group_size
             col = i1 + i
             if col % G == 0:
                 g = col // G
-                grp = Wt[col : col + G].t()  # [out, G] as it stands now
+                grp = Wt[col : col + G].t().contiguous()  # [out, G] as it stands now
                 # dead inputs (weight 0, which no input ever multiplies) shape no statistics
                 dead_g = dead[col : col + G]
                 exclude = dead_g[None, :].expand_as(grp) if bool(dead_g.any()) else None
@@ -186,15 +188,15 @@ def spqr_quantize(w: torch.Tensor, H: torch.Tensor, *, bits: int = 3, group_size
                 s_div = s.clamp_min(1e-9)
             w_col = W1[i]
             q = torch.div(w_col, s_div).add_(z).round_().clamp_(0, maxq)
+            Q[col] = q
             wq = (q - z).mul_(s)
             if find_outliers and not dead_cols[col]:
                 r = w_col - wq
-                hit = (r / d[col]).square_() > tau
-                if bool(hit.any()):
-                    o = torch.where(hit, r, torch.zeros_like(r)).to(torch.float16).float()
-                    O[col] = o
-                    wq = wq + o
-            Q[col] = q
+                hit = torch.mul(tau, d[col] * d[col]).lt_(r.square())
+                # kept: the fp16 correction takes the weight to itself (to fp16), its error to ~0
+                o = r.mul_(hit).to(torch.float16).float()
+                O[col] = o
+                wq.add_(o)
             Wq[col] = wq
             err = w_col.sub_(wq).div_(U1[i, i])
             E1[i] = err

@@ -50,7 +50,7 @@ def quantize_stats(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.T
     values: (codes uint8 `[n]`, stats fp16 `[n / group_size, 2]` holding each group's scale and
     minimum). A constant group gets scale 0 and is its minimum exactly (to fp16)."""
     xg = x.float().reshape(-1, group_size)
-    lo, hi = xg.aminmax(dim=1)
+    lo, hi = xg.amin(1), xg.amax(1)
     maxq = 2**bits - 1
     # scale rounded up to fp16 so the top of the range still fits the grid
     scale = fp16_scale((hi - lo) / maxq)
