@@ -86,6 +86,9 @@ def check_recipe_fits_format(recipe, fmt: str) -> None:
     """Refuse a recipe whose weights the checkpoint format cannot hold (the layer shapes are checked
     when saving)."""
     w = recipe.weights
+    if fmt != "lowbit" and any(step.get("method") == "spqr" for step in recipe.steps):
+        raise LowbitError(f"--format {fmt} has no sparse outliers or quantized group statistics; recipe {recipe.name} "
+                          f"(SpQR) is saved in lowbit's own format only (--format lowbit)")
     if fmt == "awq" and (w.bits != 4 or w.symmetric or w.dtype != "int"):
         raise LowbitError(f"--format awq stores 4-bit asymmetric integer weights; recipe {recipe.name} has {w}")
     if fmt in ("gptq", "compressed-tensors") and w.dtype != "int":

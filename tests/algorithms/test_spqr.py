@@ -171,6 +171,16 @@ def test_tiny_model_end_to_end(tmp_path):
         assert torch.equal(back(ids).logits, got)
 
 
+def test_cli_refuses_other_formats_before_the_work():
+    from lowbit.cli import check_recipe_fits_format
+    from lowbit.errors import LowbitError
+
+    check_recipe_fits_format(load_recipe("w3a16-spqr"), "lowbit")
+    for fmt in ("gptq", "awq", "compressed-tensors"):
+        with pytest.raises(LowbitError, match="lowbit"):
+            check_recipe_fits_format(load_recipe("w3a16-spqr"), fmt)
+
+
 def test_spqr_needs_calibration():
     with pytest.raises(Exception, match="calib"):
         lowbit.quantize(tiny_model("llama"), "w3a16-spqr", progress=False)
