@@ -46,6 +46,9 @@ def test_registered_and_recipe_loads():
     assert isinstance(alg, SpQR) and rec.weights.bits == 3 and rec.weights.granularity == PerGroup(16)
     assert (alg.qq_scale_bits, alg.qq_zero_bits, alg.qq_groupsize) == (3, 3, 16)
     assert alg.outlier_threshold == 0.2 and alg.percdamp == 1.0 and alg.act_order
+    rec = load_recipe("w4a16-spqr")
+    (alg,) = rec.build()
+    assert isinstance(alg, SpQR) and rec.weights.bits == 4 and rec.weights.granularity == PerGroup(32)
     with pytest.raises(SpecError, match="asymmetric"):
         SpQR(QuantSpec(bits=3, symmetric=True, granularity=PerGroup(16)))
 
