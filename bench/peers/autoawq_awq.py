@@ -73,7 +73,7 @@ def main() -> None:
         quantizer_cls = CopySnapshotQuantizer
         notes.append("scale-search snapshot made with copies (fixes CPU aliasing bug in _compute_best_scale)")
 
-    ids = load_calibration(args.samples, log)
+    ids = load_calibration(args.samples, log, args.samples_sha256)
     n, seqlen = ids.shape
 
     log(f"loading {args.model}")

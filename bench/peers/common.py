@@ -1,8 +1,9 @@
 """The machinery the side-by-side peer benchmarks (bench/awq_peers.py, bench/gptq_peers.py) share.
 
 One run of such a benchmark is a `PeerBench`: it loads the float model, cuts the WikiText-2 test
-windows and the calibration token windows once (the ids go to every peer as a safetensors file, with
-their SHA-256 in the report), evaluates the float model, then gets one row per method:
+windows and the calibration token windows once (the ids go to every peer as a safetensors file with
+their SHA-256, which the peer checks and the report records), evaluates the float model, then gets
+one row per method:
 
 - `lowbit_row(label, quantize)`: lowbit in this process; `quantize(model)` returns the quantized model.
 - `peer_row(method, peer, extra_args)`: a peer script in the peer's own venv (bench/peers/venv.py),
@@ -342,7 +343,8 @@ class PeerBench:
                 shutil.rmtree(out)
             cmd = [str(python), "-P", str(PEERS_DIR / peer.script), "--model", str(self.src),
                    "--samples", str(self.samples_file), "--bits", str(args.bits),
-                   "--group-size", str(args.group_size), "--out", str(out), *extra_args]
+                   "--group-size", str(args.group_size), "--out", str(out), "--samples-sha256", self.ids_sha,
+                   *extra_args]
             self.say(f"{method}: running {' '.join(cmd[2:4])} ...")
             rc, tail = run_peer(cmd, work / f"{method}.log", args.peer_timeout)
             if rc != 0 or not (out / "result.json").is_file():

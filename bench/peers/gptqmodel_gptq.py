@@ -81,7 +81,7 @@ def main() -> None:
     from gptqmodel.quantization.config import GPTQConfig
 
     notes = []
-    ids = load_calibration(args.samples, log)
+    ids = load_calibration(args.samples, log, args.samples_sha256)
     n, seqlen = ids.shape
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * seqlen} for row in ids]
 
@@ -130,7 +130,7 @@ def main() -> None:
     notes.append(f"weights unpacked from GPTQModel's packed modules (fp16 scales, zero points stored minus one); "
                  f"quantize time includes packing; relative weight error median {rel_err[len(rel_err) // 2]:.3f}")
     if zero_wraps:
-        notes.append(f"{zero_wraps} groups with zero point 0 (stored as -1, read back modulo 2^bits)")
+        notes.append(f"groups with zero point 0 (stored as -1, read back modulo 2^bits): {zero_wraps}")
     save_outputs(args.out, tensors, log, peer="gptqmodel", seconds=quant_seconds, cpu_seconds=quant_cpu_seconds,
                  quantized_linears=n_quant, notes=notes, g_idx=g_idx,
                  versions={"gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__,

@@ -29,7 +29,7 @@ log = logger("llmcompressor")
 def main() -> None:
     args = peer_args()
     notes = []
-    ids = load_calibration(args.samples, log)
+    ids = load_calibration(args.samples, log, args.samples_sha256)
     n, seqlen = ids.shape
 
     def recipe() -> list:

@@ -43,7 +43,7 @@ def gptq_options(ap) -> None:
 def main() -> None:
     args = peer_args(gptq_options)
     notes = []
-    ids = load_calibration(args.samples, log)
+    ids = load_calibration(args.samples, log, args.samples_sha256)
     n, seqlen = ids.shape
     actorder = "weight" if args.act_order else None
     modifier = {}

@@ -16,6 +16,7 @@ write into `--out`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -40,6 +41,7 @@ def peer_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) ->
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--samples-sha256", default=None, help="refuse calibration ids whose SHA-256 differs")
     if extra is not None:
         extra(ap)
     args = ap.parse_args()
@@ -47,12 +49,18 @@ def peer_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) ->
     return args
 
 
-def load_calibration(path: str, log: Callable[[str], None]) -> torch.Tensor:
-    """The calibration windows `[n, seqlen]` (int64) the main script cut."""
+def load_calibration(path: str, log: Callable[[str], None], sha256: str | None = None) -> torch.Tensor:
+    """The calibration windows `[n, seqlen]` (int64) the main script cut; with `sha256`, checked to be
+    the very ids it hashed."""
     from safetensors.torch import load_file
 
     ids = load_file(path)["input_ids"].long()
     log(f"calibration: {ids.shape[0]} x {ids.shape[1]} tokens (from {path})")
+    if sha256 is not None:
+        got = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+        if got != sha256:
+            raise RuntimeError(f"calibration ids in {path} have SHA-256 {got[:12]}, expected {sha256[:12]}")
+        log(f"calibration ids SHA-256 {got[:12]} as expected")
     return ids
 
 
