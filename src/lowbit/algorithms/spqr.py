@@ -33,6 +33,16 @@ linear's out_features must be a multiple of `qq_groupsize`).
 Defaults follow the paper's near-lossless configuration in its code (groups of 16, 3-bit statistics in
 groups of 16, outlier threshold 0.2, act-order, percdamp 1.0: the damping is relative to mean(diag H),
 as GPTQ's, and the paper's runs use 1.0, not GPTQ's 0.01).
+
+Measured (WikiText-2 test, 40 windows x 512; calibration 64 x 512 tokens of wiki.valid.tokens,
+bfloat16 calibration forwards; bits per weight over the decoder blocks' linears, everything counted):
+
+    model          recipe       ppl (float)     bits/weight  outliers
+    smollm2-135m   w3a16-spqr   36.20 (29.19)   4.26         1.78%
+    smollm2-135m   w4a16-spqr   32.08 (29.19)   4.45         0.20%    (32.08 with percdamp 0.01 too)
+    gemma3-270m    w4a16-spqr   25.89 (23.88)   4.45         0.26%
+
+Far from the paper's near-lossless on these small models: 4-bit weights alone cost them about 10%.
 """
 
 from __future__ import annotations
