@@ -171,7 +171,7 @@ def test_float_tensor_beyond_float16_is_refused(tmp_path):
 
 
 def test_failed_save_leaves_no_partial_output_and_existing_output_is_kept(tmp_path, monkeypatch):
-    from lowbit.formats import awq
+    from lowbit.formats import native
 
     model = quantized()
     (tmp_path / "q").mkdir()
@@ -182,7 +182,7 @@ def test_failed_save_leaves_no_partial_output_and_existing_output_is_kept(tmp_pa
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(awq, "save_file", boom)
+    monkeypatch.setattr(native, "save_file", boom)  # every format writes through native.write_checkpoint
     with pytest.raises(RuntimeError, match="disk full"):
         lowbit.save(model, tmp_path / "q", format="awq", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["q"] and (tmp_path / "q" / "keep.txt").read_text() == "mine"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.errors import CheckpointError, InvalidWeightsError, OutputExistsError, SpecError
-from lowbit.formats import gptq
+from lowbit.formats import gptq, native
 from lowbit.nn import WQLinear
 from lowbit.quant import PerGroup, QuantSpec
 
@@ -246,7 +246,7 @@ def test_failed_save_keeps_existing_output(tmp_path, monkeypatch):
     (tmp_path / "q" / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError):
         lowbit.save(model, tmp_path / "q", format="gptq")
-    monkeypatch.setattr(gptq, "save_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    monkeypatch.setattr(native, "save_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError, match="disk full"):
         lowbit.save(model, tmp_path / "q", format="gptq", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["q"] and (tmp_path / "q" / "keep.txt").read_text() == "mine"

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, SpecError
@@ -31,10 +30,8 @@ from ..models import find_module, is_linear, linear_shape, set_module
 from ..nn import AWQ_LAYOUTS, QUANTIZED_MODULES, AWQLinear, WQLinear
 from ..nn.awq_linear import check_awq_compatible
 from . import native
-from .atomic import atomic_dir
 
 VERSIONS = tuple(AWQ_LAYOUTS)
-WEIGHTS_NAME = "model.safetensors"
 LEGACY_CONFIG_NAME = "quant_config.json"
 SAVE_DTYPE = torch.float16
 QUANT_TENSORS = ("qweight", "qzeros", "scales")
@@ -176,21 +173,8 @@ def save(model: nn.Module, out_dir: str | Path, *, version: str = "gemm", tokeni
         state[f"{name}.scales"] = m.scales.detach().to(torch.float16).contiguous()
         if m.bias is not None:
             state[f"{name}.bias"] = _to_save_dtype(f"{name}.bias", m.bias.detach(), SAVE_DTYPE).contiguous()
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qcfg.to_dict()
-    cfg["dtype"] = str(SAVE_DTYPE).replace("torch.", "")
-    cfg["torch_dtype"] = cfg["dtype"]  # the key transformers 4.x (AutoAWQ's) and vLLM read
-    cfg["architectures"] = [type(model).__name__]  # vLLM picks the model class by it
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        tmp = Path(tmp)
-        save_file({k: v.cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    cfg = native.export_config(model, qcfg.to_dict(), SAVE_DTYPE)
+    return native.write_checkpoint(out_dir, model, state, cfg, tokenizer=tokenizer, overwrite=overwrite)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, SpecError
@@ -52,12 +51,10 @@ from ..models import find_module, is_linear, linear_shape, set_module
 from ..nn import QUANTIZED_MODULES, AWQLinear, WQLinear
 from ..quant import PerGroup, QuantSpec, pack_words, packed_nwords, unpack_words
 from . import native
-from .atomic import atomic_dir
 from .gptq import perm_from_g_idx
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
-WEIGHTS_NAME = "model.safetensors"
 QUANT_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 LEGACY_ACTORDER = ("group", "dynamic")  # g_idx ordering, which older releases wrote
 
@@ -341,22 +338,8 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
     for name, m in layers.items():
         for k, v in ct_tensors(m, dtype, name).items():
             state[f"{name}.{k}"] = v
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qcfg.to_dict()
-    cfg["dtype"] = str(dtype).replace("torch.", "")
-    cfg["torch_dtype"] = cfg["dtype"]
-    cfg["architectures"] = [type(model).__name__]
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        tmp = Path(tmp)
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    cfg = native.export_config(model, qcfg.to_dict(), dtype)
+    return native.write_checkpoint(out_dir, model, state, cfg, tokenizer=tokenizer, overwrite=overwrite)
 
 
 # ---- reading ----------------------------------------------------------------------------------------

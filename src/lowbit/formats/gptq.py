@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
@@ -50,11 +49,9 @@ from ..models import find_module, is_linear, linear_shape, set_module
 from ..nn import QUANTIZED_MODULES, AWQLinear, WQLinear
 from ..quant import PerGroup, QuantSpec, pack_words, packed_nwords, unpack_words
 from . import native
-from .atomic import atomic_dir
 
 BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
-WEIGHTS_NAME = "model.safetensors"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
 SAVE_DTYPE = torch.float16
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -344,23 +341,9 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
     for name, m in layers.items():
         for k, v in gptq_tensors(m, name).items():
             state[f"{name}.{k}"] = native.to_save_dtype(f"{name}.{k}", v, SAVE_DTYPE, "GPTQ")
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qcfg.to_dict()
-    cfg["dtype"] = str(SAVE_DTYPE).replace("torch.", "")
-    cfg["torch_dtype"] = cfg["dtype"]  # the key transformers 4.x and vLLM read
-    cfg["architectures"] = [type(model).__name__]
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        tmp = Path(tmp)
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        (tmp / QUANTIZE_CONFIG_NAME).write_text(json.dumps(qcfg.to_dict(), indent=2))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    cfg = native.export_config(model, qcfg.to_dict(), SAVE_DTYPE)
+    return native.write_checkpoint(out_dir, model, state, cfg, tokenizer=tokenizer, overwrite=overwrite,
+                                   extra_json={QUANTIZE_CONFIG_NAME: qcfg.to_dict()})
 
 
 # ---- reading ----------------------------------------------------------------------------------------

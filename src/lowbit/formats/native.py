@@ -82,12 +82,36 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
             "recipe": recipe or getattr(model, "lowbit_recipe", None),
             "modules": {n: module_config(m) for n, m in qmods.items()}}
     state = _dedupe_tied(model.state_dict())
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qcfg
+    return write_checkpoint(out_dir, model, state, cfg, tokenizer=tokenizer, overwrite=overwrite,
+                            metadata={"lowbit_format": str(FORMAT_VERSION)})
+
+
+def export_config(model: nn.Module, quantization_config: dict, dtype: torch.dtype) -> dict:
+    """config.json for a checkpoint other engines read: the model's config, its quantization_config,
+    the float dtype under both keys (transformers 4.x and vLLM read `torch_dtype`), and the
+    architecture vLLM picks the model class by."""
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = quantization_config
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    cfg["torch_dtype"] = cfg["dtype"]
+    cfg["architectures"] = [type(model).__name__]
+    return cfg
+
+
+def write_checkpoint(out_dir: str | Path, model: nn.Module, state: dict[str, torch.Tensor], cfg: dict, *,
+                     tokenizer=None, overwrite: bool = False, metadata: dict | None = None,
+                     extra_json: dict[str, dict] | None = None) -> Path:
+    """Writes a checkpoint directory atomically, as every format does: the weights, config.json, any
+    `extra_json` files, the generation config and the tokenizer."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         tmp = Path(tmp)
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "lowbit_format": str(FORMAT_VERSION)})
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = qcfg
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt", **(metadata or {})})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        for name, d in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(d, indent=2))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
@@ -161,19 +185,8 @@ def load(path: str | Path, cfg: dict, *, device: str | torch.device = "cpu") -> 
         except AttributeError as e:
             raise CheckpointError(f"checkpoint names module {name}, which this architecture does not have") from e
         set_module(model, name, module_from_config(mc, name))
-    expected = model.state_dict()
-    for k, v in state.items():
-        if k not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor {k} (not part of this model)")
-        if tuple(expected[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects "
-                                  f"{tuple(expected[k].shape)}")
-    tied = _tied_names(model)
-    missing = [k for k in expected if k not in state and k not in tied]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    # the packed modules' buffers are ordinary state here: every tensor is checked and loaded
+    load_float_tensors(model, state, path, packed=set())
     model.lowbit_recipe = qcfg.get("recipe")
     return model.to(device).eval()
 
