@@ -88,16 +88,6 @@ def group_qparams(w: torch.Tensor, spec: QuantSpec, clip_grid: int = 0, max_shri
     return s.gather(1, best), (None if z is None else z.gather(1, best))
 
 
-def _round(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (signed when symmetric, as lowbit.quant.quantize returns them) and their float values."""
-    q = torch.round(w / s)
-    if z is not None:
-        q = (q + z).clamp_(spec.qmin, spec.qmax)
-        return q, (q - z) * s
-    q = q.clamp_(spec.qmin, spec.qmax)
-    return q, q * s
-
-
 @contextmanager
 def _one_thread():
     """The column loop is thousands of small vector ops: with two OpenMP threads each op pays a fork
