@@ -15,6 +15,7 @@ its qparams as `[..., n, 1]`, so one broadcast serves all four and nothing loops
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -232,32 +233,98 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, qparams: QParams | None = No
     Gradient to x: 1 where the rounded code lands inside [qmin, qmax], 0 where it is clipped
     (codebooks: 1 everywhere). Gradient to a scale that requires grad follows LSQ: round(v) - v
     inside (v = x / scale + zero), the clipped code minus zero outside; codebooks: codebook[q] - x / scale.
-    Without qparams they are chosen from x (detached) with min-max.
+    Zero points get no gradient (they stay integers). Without qparams they are chosen from x
+    (detached) with min-max. LSQ's gradient scale is `grad_scale` applied to the scale beforehand.
     """
     if qparams is None:
         qparams = choose_qparams(x.detach(), spec)
     xg = _group(x.float(), spec)
     sg, zg, cb = _grouped_qparams(qparams, spec, x)
     zg = None if zg is None else zg.detach()
+    try:
+        shape = torch.broadcast_shapes(xg.shape, sg.shape, *(() if zg is None else (zg.shape,)))
+    except RuntimeError:
+        raise _broadcast_error(x.shape, qparams, spec) from None
+    if shape != xg.shape:
+        raise _broadcast_error(x.shape, qparams, spec)
+    if not spec.is_codebook:
+        return _FakeQuantInt.apply(xg, sg, zg, spec).reshape(x.shape).to(x.dtype)
     with torch.no_grad():
         s0 = sg.detach()
         qg = _quantize_grouped(xg, s0, zg, cb, spec)
-        if qg.shape != xg.shape:
-            raise _broadcast_error(x.shape, qparams, spec)
         dq = _dequantize_grouped(qg, s0, zg, cb, spec)
-        v = xg / s0
-        if spec.is_codebook:
-            mask = torch.ones_like(xg)
-            grad_s = cb[qg.long()] - v
-        else:
-            if zg is not None:
-                v = v + zg
-            r = torch.round(v)
-            inside = (r >= spec.qmin) & (r <= spec.qmax)
-            mask = inside.float()
-            grad_s = torch.where(inside, qg - v, qg - (zg if zg is not None else 0.0))
+        grad_s = cb[qg.long()] - xg / s0
     # Each added term is exactly zero in value, so the forward is bit-identical to dequantize().
-    out = dq + mask * (xg - xg.detach())
+    out = dq + (xg - xg.detach())
     if sg.requires_grad:
         out = out + (sg - s0) * grad_s
     return out.reshape(x.shape).to(x.dtype)
+
+
+class _FakeQuantInt(torch.autograd.Function):
+    """Integer-grid fake quantization that keeps only its inputs for the backward (no weight-sized
+    masks or gradient terms held between forward and backward: QAT holds every layer's at once)."""
+
+    @staticmethod
+    def forward(ctx, xg, sg, zg, spec):
+        ctx.save_for_backward(xg, sg, zg)
+        ctx.spec = spec
+        with torch.no_grad():
+            return _dequantize_grouped(_quantize_grouped(xg, sg, zg, None, spec), sg, zg, None, spec)
+
+    @staticmethod
+    def backward(ctx, g):
+        xg, sg, zg = ctx.saved_tensors
+        spec = ctx.spec
+        v = xg / sg
+        if zg is not None:
+            v = v + zg
+        r = torch.round(v)
+        inside = (r >= spec.qmin) & (r <= spec.qmax)
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            q = r.clamp_(spec.qmin, spec.qmax)
+            # LSQ: d out / d scale = q - v inside the grid, the clipped code (minus zero) outside
+            term = torch.where(inside, q - v, q - zg if zg is not None else q)
+            gs = (g * term).sum_to_size(sg.shape)
+        return gx, gs, None, None
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x unchanged in the forward, its gradient multiplied by `factor` (LSQ's step-size gradient scale)."""
+    return _GradScale.apply(x, float(factor))
+
+
+def lsq_grad_factor(spec: QuantSpec, group_numel: int) -> float:
+    """LSQ's gradient scale for a step size shared by `group_numel` values: 1 / sqrt(N * Q_P), with
+    Q_P the number of positive levels (qmax for signed grids, the whole 2^bits - 1 for unsigned)."""
+    q_p = spec.qmax if spec.symmetric else spec.qmax - spec.qmin
+    return 1.0 / math.sqrt(max(1, group_numel) * max(1, q_p))
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` in the forward (computed from x without grad, same shape), x's gradient passed through
+    unchanged: e.g. a scale rounded to the fp16 it will be stored in."""
+    return _StraightThrough.apply(x, value.detach())

@@ -1,0 +1,233 @@
+"""Fake-quant modules for quantization-aware training (QAT).
+
+`FakeQuantize` rounds a tensor onto the grid of a `QuantSpec` in the forward and lets gradients
+through straight (`lowbit.quant.fake_quantize`): weights `[out, in]` per group or per channel,
+activations `[..., tokens, features]` per tensor or per token, symmetric or asymmetric, 2..8 bits.
+Its step sizes are buffers, or parameters learned with LSQ (Esser et al., 2020) when `learnable`;
+zero points stay integers (they are stored as codes) and are not learned.
+
+`FakeQuantLinear` is the trainable stand-in for a packed `WQLinear`: a float latent weight that the
+optimizer updates, and the grid it is rounded onto. It starts either from a float linear (`from_float`:
+round-to-nearest grid, the float weight as latent weight) or from a PTQ result (`from_wqlinear`: the
+packed module's scales, zero points and act-order permutation as the grid, its dequantized weight as
+the latent weight, so training starts exactly where RTN, AWQ or GPTQ ended). `to_wqlinear` packs it
+back into the `WQLinear` PTQ produces, computing what the fake-quant forward computed: the forward
+already rounds scales to the fp16 that `WQLinear` stores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SpecError
+from ..quant import (PerChannel, PerGroup, PerTensor, PerToken, QParams, QuantSpec, check_group_size,
+                     choose_qparams, fake_quantize, grad_scale, lsq_grad_factor, quantize, straight_through)
+from ..quant.primitives import SCALE_EPS
+from .wq_linear import WQLinear, fp16_scale
+
+__all__ = ["FakeQuantize", "FakeQuantLinear"]
+
+
+def _stored_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as the packed module will hold it (positive, rounded to fp16), with a straight-through
+    gradient to the float one being learned."""
+    s = scale.clamp_min(SCALE_EPS)
+    return straight_through(s, s.detach().to(torch.float16).float().clamp_min(SCALE_EPS))
+
+
+class FakeQuantize(nn.Module):
+    """Rounds a tensor onto the grid of `spec` (straight-through gradients).
+
+    Static (`spec.dynamic` False): `scale` (and `zero_point` when asymmetric) in the public qparam shape
+    of lowbit.quant (`[out, in / G]` for a weight in groups, `[]` per tensor), given at construction or
+    set by `observe(x)` (min-max). `learnable`: the scale is a parameter trained with LSQ, its gradient
+    scaled by 1 / sqrt(N * Q_P) unless `lsq_grad_scale` is False. Dynamic: qparams from each input
+    (per token or per tensor), nothing stored.
+    """
+
+    def __init__(self, spec: QuantSpec, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
+                 *, learnable: bool = False, lsq_grad_scale: bool = True):
+        super().__init__()
+        if spec.is_codebook:
+            raise SpecError(f"fake quantization trains integer grids only, got {spec}")
+        self.spec = spec
+        self.learnable = bool(learnable)
+        self.lsq_grad_scale = bool(lsq_grad_scale)
+        if spec.dynamic:
+            if learnable:
+                raise SpecError("a dynamic spec computes its scales per input: nothing to learn (learnable=False)")
+            self.scale = self.zero_point = None
+            return
+        scale = torch.ones(()) if scale is None else scale.detach().float().clone()
+        self.scale = nn.Parameter(scale, requires_grad=True) if learnable else nn.Parameter(scale, requires_grad=False)
+        if spec.symmetric:
+            self.zero_point = None
+        else:
+            zero = torch.zeros_like(scale) if zero_point is None else zero_point.detach().float().round()
+            if zero.shape != scale.shape:
+                raise SpecError(f"zero_point of shape {tuple(zero.shape)} does not match the scale's {tuple(scale.shape)}")
+            self.register_buffer("zero_point", zero.clone())
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Sets the static qparams to the min-max ones of x."""
+        if self.spec.dynamic:
+            return
+        qp = choose_qparams(x.detach(), self.spec)
+        self.scale.data = fp16_scale(qp.scale)
+        if self.zero_point is not None:
+            self.zero_point = qp.zero_point.clone()
+
+    def qparams(self, numel_per_scale: int) -> QParams:
+        """The qparams the forward uses: the stored scale rounded to fp16 (straight through)."""
+        scale = self.scale
+        if self.learnable and self.lsq_grad_scale:
+            scale = grad_scale(scale, lsq_grad_factor(self.spec, numel_per_scale))
+        return QParams(scale=_stored_scale(scale), zero_point=self.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.dynamic:
+            return fake_quantize(x, self.spec)
+        return fake_quantize(x, self.spec, self.qparams(_numel_per_scale(x, self.spec)))
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}" + (", learnable (LSQ)" if self.learnable else "")
+
+
+def _numel_per_scale(x: torch.Tensor, spec: QuantSpec) -> int:
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return x.numel()
+    if isinstance(g, PerGroup) and g.group_size != -1:
+        return g.group_size
+    return x.shape[-1]
+
+
+def _weight_spec(spec: QuantSpec, in_features: int, name: str) -> QuantSpec:
+    """The spec in the grouped form `WQLinear` stores (per channel is one group of the whole row)."""
+    if spec.is_codebook:
+        raise SpecError(f"layer {name or '?'}: QAT trains integer grids only, got {spec}")
+    if spec.dynamic:
+        raise SpecError(f"layer {name or '?'}: weights are quantized statically, got a dynamic spec {spec}")
+    g = WQLinear.spec_group_size(spec, in_features)
+    check_group_size(in_features, g, name)
+    return spec.replace(granularity=PerGroup(g))
+
+
+def _activation_spec(spec: QuantSpec | None) -> QuantSpec | None:
+    if spec is None:
+        return None
+    if not isinstance(spec.granularity, (PerTensor, PerToken, PerChannel)):
+        raise SpecError(f"activations are quantized per tensor or per token, got {spec.granularity}")
+    if not spec.dynamic and not isinstance(spec.granularity, PerTensor):
+        raise SpecError(f"static activation scales are per tensor; per-token scales need dynamic=True ({spec})")
+    return spec
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear whose weight (and optionally input) is fake-quantized; trains, then packs to `WQLinear`.
+
+    weight  float `[out, in]` latent weight, input channels in model order (a Parameter);
+    perm    int64 `[in]` act-order permutation (GPTQ's desc_act), or None: groups are formed over the
+            columns `weight[:, perm]`, as `WQLinear` stores them;
+    weight_quant  the grid: scale `[out, in / G]`, zero point `[out, in / G]` (asymmetric);
+    input_quant   an activation `FakeQuantize`, or None (weight-only).
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, *, bias: bool = False,
+                 act_order: bool = False, learnable_scales: bool = True, lsq_grad_scale: bool = True,
+                 input_spec: QuantSpec | None = None, name: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.spec = _weight_spec(spec, in_features, name)
+        self.group_size = self.spec.granularity.group_size
+        self.name = name
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        ng = in_features // self.group_size
+        self.weight_quant = FakeQuantize(self.spec, torch.ones(out_features, ng),
+                                         None if self.spec.symmetric else torch.zeros(out_features, ng),
+                                         learnable=learnable_scales, lsq_grad_scale=lsq_grad_scale)
+        if act_order:
+            self.register_buffer("perm", torch.arange(in_features))
+        else:
+            self.perm = None
+        input_spec = _activation_spec(input_spec)
+        self.input_quant = None if input_spec is None else FakeQuantize(input_spec)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: QuantSpec, *, learnable_scales: bool = True,
+                   lsq_grad_scale: bool = True, input_spec: QuantSpec | None = None,
+                   name: str = "") -> "FakeQuantLinear":
+        """Round-to-nearest grid (min-max per group, as `WQLinear.from_weight`), the float weight as
+        the latent weight."""
+        w = linear.weight.detach().float()
+        m = cls(w.shape[1], w.shape[0], spec, bias=linear.bias is not None, learnable_scales=learnable_scales,
+                lsq_grad_scale=lsq_grad_scale, input_spec=input_spec, name=name)
+        qp = choose_qparams(w, m.spec)
+        m._set(w, fp16_scale(qp.scale), qp.zero_point, linear.bias, None)
+        return m.to(linear.weight.device)
+
+    @classmethod
+    def from_wqlinear(cls, q: WQLinear, *, learnable_scales: bool = True, lsq_grad_scale: bool = True,
+                      input_spec: QuantSpec | None = None, name: str = "") -> "FakeQuantLinear":
+        """The PTQ result as the starting point: its grid, and its dequantized weight as latent weight
+        (so the fake-quant forward starts out computing what the packed module computes)."""
+        if q.codebook is not None:
+            raise SpecError(f"layer {name or '?'}: QAT trains integer grids; this layer holds a codebook")
+        spec = QuantSpec(bits=q.bits, symmetric=q.symmetric, granularity=PerGroup(q.group_size))
+        m = cls(q.in_features, q.out_features, spec, bias=q.bias is not None, act_order=q.perm is not None,
+                learnable_scales=learnable_scales, lsq_grad_scale=lsq_grad_scale, input_spec=input_spec,
+                name=name)
+        zeros = None if q.symmetric else q.zeros()
+        m._set(q.dequantize_weight(), q.scales.float(), zeros, q.bias, q.perm)
+        return m.to(q.scales.device)
+
+    @torch.no_grad()
+    def _set(self, weight, scale, zero, bias, perm) -> None:
+        self.weight.copy_(weight.float())
+        self.weight_quant.scale.copy_(scale.float())
+        if zero is not None:
+            self.weight_quant.zero_point.copy_(zero.float())
+        if bias is not None:
+            self.bias.copy_(bias.detach().float())
+        if perm is not None:
+            self.perm.copy_(perm.long())
+
+    # ---- compute ------------------------------------------------------------------------------
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight `[out, in]`, input channels in model order."""
+        w = self.weight if self.perm is None else self.weight.index_select(1, self.perm)
+        wq = self.weight_quant(w)
+        if self.perm is not None:
+            wq = wq.index_select(1, torch.argsort(self.perm))
+        return wq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.quantized_weight().to(x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+    # ---- conversion ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_wqlinear(self) -> WQLinear:
+        """The packed module computing what this one computes (weight-only: no input quantization)."""
+        if self.input_quant is not None:
+            raise SpecError(f"layer {self.name or '?'}: packing quantized activations needs a W8A8/W4A8 module; "
+                            f"only weight-only fake quantization converts to WQLinear")
+        w = self.weight.detach().float()
+        if self.perm is not None:
+            w = w.index_select(1, self.perm)
+        qp = self.weight_quant.qparams(self.group_size)
+        scale = qp.scale.detach()
+        codes = quantize(w, QParams(scale=scale, zero_point=qp.zero_point), self.spec)
+        return WQLinear.from_codes(codes, scale, qp.zero_point, self.spec, bias=self.bias, perm=self.perm,
+                                   name=self.name).to(w.device)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}, "
+                f"bias={self.bias is not None}" + (", act_order" if self.perm is not None else ""))
