@@ -16,20 +16,20 @@ agreement against the float model, quantization time, decode tokens/s. Figures a
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import lowbit
-from lowbit import zoo
-from lowbit.cli import default_bos
-from lowbit.eval import bits_per_weight, evaluate, load_windows, measure_throughput, model_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-WIKI_TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.test.joined.txt"
-WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import (COLUMNS, REPO, WIKI_TEST, WIKI_VALID, load_reference, markdown_table,  # noqa: E402
+                           measure, write_json)
+
+# the demo's columns: no prefill or memory (one process measures every row in turn)
+DEMO_COLUMNS = [c for c in COLUMNS if c[1] not in ("prefill_tokens_per_s", "peak_rss_mb")]
 
 # key -> (label, recipe, load_recipe overrides, step overrides, checkpoint format, in the default run).
 # Group 64: SmolLM2's hidden size 576 is not a multiple of 128.
@@ -68,18 +68,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    src = zoo.pull(args.model) if args.model in zoo.ZOO else Path(args.model)
-    fp = lowbit.load(src)
-    tok = fp.lowbit_tokenizer
-    windows = load_windows(tok, args.text, seqlen=args.seqlen, windows=args.windows, bos=default_bos(fp))
-    print(f"{args.model}: {windows.shape[0]} windows x {windows.shape[1]} tokens of {Path(args.text).name}")
-
-    rows = []
-    res = evaluate(fp, windows)
-    speed = measure_throughput(fp, new_tokens=args.new_tokens)
-    rows.append(dict(method="float (fp32)", bits_per_weight=bits_per_weight(fp)["bits_per_weight"],
-                     model_bytes=model_bytes(src), ppl=res["ppl"], kl=0.0, top1_agreement=1.0,
-                     quant_seconds=0.0, **speed))
+    ref = load_reference(args.model, args.text, args.windows, args.seqlen)
+    src, tok = ref.src, ref.fp.lowbit_tokenizer
+    rows = [dict(method="float (fp32)", quant_seconds=0.0, **measure(ref.fp, ref, src, "in-process", args.new_tokens))]
     calib = lowbit.calib.text_file(args.calib, n_samples=args.calib_samples, seqlen=args.calib_seqlen)
     only = set(args.only.split(",")) if args.only else None
     for key, (label, recipe, overrides, step_overrides, fmt, default) in CONFIGS.items():
@@ -97,25 +88,15 @@ def main() -> None:
         out = lowbit.save(q, Path(args.out) / recipe, format=fmt, tokenizer=tok, overwrite=True)
         del q
         q = lowbit.load(out)  # measure what a user gets back from disk
-        res = evaluate(q, windows, ref_model=fp)
-        speed = measure_throughput(q, new_tokens=args.new_tokens)
-        rows.append(dict(method=label, key=key, recipe=rec.to_dict(), bits_per_weight=bits_per_weight(q)["bits_per_weight"],
-                         model_bytes=model_bytes(out), ppl=res["ppl"], kl=res["kl"],
-                         top1_agreement=res["top1_agreement"], quant_seconds=qtime, **speed))
-        print(f"  {label}: ppl {res['ppl']:.3f}, KL {res['kl']:.4f}", flush=True)
+        row = measure(q, ref, out, "in-process", args.new_tokens)
+        rows.append(dict(method=label, key=key, recipe=rec.to_dict(), quant_seconds=qtime, **row))
+        print(f"  {label}: ppl {row['ppl']:.3f}, KL {row['kl']:.4f}", flush=True)
 
-    base = rows[0]
     print()
-    print("| method | bits/weight | size on disk | ppl | Δppl | KL | top-1 | quant s | decode tok/s | vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['bits_per_weight']:.2f} | {r['model_bytes'] / 2**20:.1f} MiB | {r['ppl']:.2f} "
-              f"| {r['ppl'] - base['ppl']:+.2f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['quant_seconds']:.1f} "
-              f"| {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x |")
+    print(markdown_table(rows, DEMO_COLUMNS, status=False))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": args.model, "windows": int(windows.shape[0]),
-                                               "seqlen": int(windows.shape[1]), "rows": rows}, indent=2))
+        write_json(args.json, {"model": args.model, "windows": int(ref.windows.shape[0]),
+                               "seqlen": int(ref.windows.shape[1]), "rows": rows})
 
 
 if __name__ == "__main__":
