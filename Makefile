@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m
 
-.PHONY: setup test test-fast demo bench-kernels clean
+.PHONY: setup test test-fast demo bench bench-kernels clean
 
 # torch is installed first and pinned: any other route lets pip pull a CUDA build (gigabytes).
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -25,6 +25,18 @@ test-fast: setup
 demo: setup
 	$(BIN)/lowbit zoo pull $(MODEL)
 	$(BIN)/python bench/demo.py --model $(MODEL)
+
+# The quick benchmark: every lowbit preset, the peers that install in minutes (bench/peers/setup.sh makes
+# their venvs), the kernels; 40 windows. Writes bench/RESULTS.md. About an hour on a 2-core machine.
+BENCH_OUT ?= bench/out/bench
+bench: setup
+	$(BIN)/lowbit zoo pull $(MODEL)
+	$(BIN)/python bench/methods.py --model $(MODEL) --windows 40 --out $(BENCH_OUT)
+	$(BIN)/python bench/peers.py --model $(MODEL) --windows 40 --results $(BENCH_OUT)/results.json
+	$(BIN)/python bench/kernels.py --quick --json $(BENCH_OUT)/kernels.json --markdown $(BENCH_OUT)/kernels.md
+	{ printf '# Benchmark results (`make bench`, %s, %s)\n\n' "$$(date -u +%F)" "$$(uname -m), $$(nproc) CPUs"; \
+	  cat $(BENCH_OUT)/results.md; printf '\n'; cat $(BENCH_OUT)/kernels.md; } > bench/RESULTS.md
+	@echo "wrote bench/RESULTS.md"
 
 bench-kernels: setup
 	$(BIN)/python bench/kernels.py

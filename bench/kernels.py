@@ -4,10 +4,12 @@ For each shape (K x N: in x out features) and token count M it times fp32 and bf
 and every wint backend for 4-bit g64, 4-bit g128 and 8-bit per-channel weights, plus what
 `auto` picks, and prints Markdown tables: milliseconds, speedup against fp32 and bf16, and the
 achieved GB/s of weight bytes at M=1 next to the machine's read bandwidth measured in the same
-run (a sum over a large tensor). Candidates are timed in interleaved rounds (medians of
-`torch.utils.benchmark` medians) so that other load on the machine hits all of them alike.
+run (a sum over a large tensor), and the fraction of that limit each kernel reaches with its
+weights streamed from DRAM (decode reads every weight once per token). Candidates are timed in
+interleaved rounds (medians of `torch.utils.benchmark` medians) so that other load on the machine
+hits all of them alike.
 
-    python bench/kernels.py [--quick] [--json bench/out/kernels.json] [--threads 2]
+    python bench/kernels.py [--quick] [--json bench/out/kernels.json] [--markdown FILE] [--threads 2]
                             [--shapes 576x576,4096x4096] [--ms 1,16,128] [--timer wall|cpu]
 
 `--timer cpu` times process CPU time instead of wall time: steadier on a shared machine, and
@@ -106,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, M {QUICK_MS}, fewer rounds")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--markdown", type=Path, help="write the tables here")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--shapes", help="comma-separated KxN (in x out)")
     ap.add_argument("--ms", help="comma-separated token counts")
@@ -181,19 +184,28 @@ def main() -> None:
             print(f"  {shape} M={m}: fp32 {t['fp32']:.3f} bf16 {t['bf16']:.3f} "
                   + " ".join(f"{lab}[{row['auto'][lab]}] {v:.3f}" for lab, v in best.items()), flush=True)
 
-    print_tables(rows, info)
+    text = tables(rows, info)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        head = (f"Kernels: torch {info['torch']}, {info['threads']} threads, {info['cpu_capability']}, timer "
+                f"{info['timer']}, read bandwidth {info['read_bandwidth_GBps']} GB/s (a sum over a large tensor).\n")
+        args.markdown.write_text(head + text + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
         print(f"\nwrote {args.json}")
 
 
-def print_tables(rows: list[dict], info: dict) -> None:
+def tables(rows: list[dict], info: dict) -> str:
+    """The Markdown tables: ms per call at every M, then for M=1 (decode) the GB/s of weight bytes and
+    the fraction of the read bandwidth measured in the same run that this reaches."""
+    out = []
     cols = [f"{label}/{b}" for label, _, _, _ in CONFIGS for b in ("int4pack", "int4cpp", "int8pack", "dequant")
             if any(f"{label}/{b}" in r["ms"] for r in rows)]
-    print("\n### ms per call (speedup vs fp32 / vs bf16); * = what `auto` picks\n")
-    print("| K x N | M | fp32 | bf16 | " + " | ".join(cols) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(cols))
+    out.append("\n### ms per call (speedup vs fp32 / vs bf16); * = what `auto` picks\n")
+    out.append("| K x N | M | fp32 | bf16 | " + " | ".join(cols) + " |")
+    out.append("|---|---:|---:|---:|" + "---:|" * len(cols))
     for r in rows:
         t = r["ms"]
         cells = []
@@ -204,19 +216,35 @@ def print_tables(rows: list[dict], info: dict) -> None:
             label, b = c.split("/")
             star = "*" if r["auto"].get(label) == b else ""
             cells.append(f"{fmt_ms(t[c])}{star} ({t['fp32'] / t[c]:.2f}x / {t['bf16'] / t[c]:.2f}x)")
-        print(f"| {r['shape']} | {r['M']} | {fmt_ms(t['fp32'])} | {fmt_ms(t['bf16'])} | " + " | ".join(cells) + " |")
+        out.append(f"| {r['shape']} | {r['M']} | {fmt_ms(t['fp32'])} | {fmt_ms(t['bf16'])} | " + " | ".join(cells) + " |")
 
     one = [r for r in rows if r["M"] == 1]
     if one:
+        bw = info["read_bandwidth_GBps"]
         gcols = ["fp32", "bf16"] + cols
-        print(f"\n### M=1: GB/s of weight bytes read, weights hot in cache / streamed from DRAM "
-              f"(ms streamed in brackets); machine read bandwidth {info['read_bandwidth_GBps']} GB/s\n")
-        print("| K x N | " + " | ".join(gcols) + " |")
-        print("|---|" + "---:|" * len(gcols))
+        out.append(f"\n### M=1: GB/s of weight bytes read, weights hot in cache / streamed from DRAM "
+                   f"(ms streamed in brackets); machine read bandwidth {bw} GB/s\n")
+        out.append("| K x N | " + " | ".join(gcols) + " |")
+        out.append("|---|" + "---:|" * len(gcols))
         for r in one:
-            print(f"| {r['shape']} | " + " | ".join(
+            out.append(f"| {r['shape']} | " + " | ".join(
                 f"{r['GBps'][c]:.1f} / {r['stream_GBps'][c]:.1f} ({fmt_ms(r['stream_ms'][c])})"
                 if c in r["GBps"] else "n/a" for c in gcols) + " |")
+        # decode streams every weight once per token: time >= weight bytes / read bandwidth
+        out.append(f"\n### M=1, weights streamed from DRAM: fraction of the {bw} GB/s read bandwidth reached "
+                   f"(1.00 = bandwidth-bound; ms at the limit in brackets)\n")
+        out.append("| K x N | " + " | ".join(gcols) + " |")
+        out.append("|---|" + "---:|" * len(gcols))
+        for r in one:
+            cells = []
+            for c in gcols:
+                if c not in r["stream_GBps"]:
+                    cells.append("n/a")
+                    continue
+                limit_ms = r["stream_GBps"][c] * r["stream_ms"][c] / bw  # bytes / bandwidth, in ms
+                cells.append(f"{r['stream_GBps'][c] / bw:.2f} ({fmt_ms(limit_ms)})")
+            out.append(f"| {r['shape']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

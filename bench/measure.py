@@ -153,6 +153,27 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUM
     return "\n".join(lines)
 
 
+def results_markdown(payload: dict) -> str:
+    """The combined table (lowbit presets, then peers) and each row's notes."""
+    rows = payload["rows"]
+    head = (f"{payload['model']}, WikiText-2 test: {payload['windows']} windows x {payload['seqlen']} tokens"
+            f"{' (BOS per window)' if payload.get('bos') else ''}; KL and top-1 against the float model on the same "
+            f"windows; lm_head and embeddings in float everywhere.")
+    cal = payload.get("calibration")
+    if cal:
+        seqlen = cal.get("seqlen") or "the recipe's"
+        head += (f" Calibration: {cal['n_samples']} x {seqlen} tokens of "
+                 f"{Path(cal['file']).name}.")
+    notes = [f"- {r['method']}: {n}" for r in rows for n in r.get("notes", []) or []]
+    notes += [f"- skipped {s}" for s in payload.get("skipped", [])]
+    if any(r.get("kind") == "peer" for r in rows):
+        notes += ["- Peers quantized in memory and scored in their own venv (bitsandbytes, torchao, quanto, hqq): no "
+                  "size on disk; their peak RSS includes the float model they quantized from and the float reference.",
+                  "- Calibrated peers (llm-compressor, GPTQModel, AutoAWQ): their dense dequantized weights are "
+                  "scored by lowbit, so no bits/weight, size or speed."]
+    return "\n".join([head, "", markdown_table(rows), "", *notes]).rstrip() + "\n"
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     from lowbit.formats import atomic_file
 

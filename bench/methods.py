@@ -32,7 +32,7 @@ import lowbit
 from lowbit.recipes import available, load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.measure import REPO, WIKI_TEST, WIKI_VALID, load_reference, markdown_table, measure, write_json  # noqa: E402
+from bench.measure import REPO, WIKI_TEST, WIKI_VALID, load_reference, measure, results_markdown, write_json  # noqa: E402
 
 
 def decoder_in_features(model) -> set[int]:
@@ -143,21 +143,17 @@ def main(argv: list[str] | None = None) -> None:
             if not args.keep_checkpoints:
                 shutil.rmtree(ckpt, ignore_errors=True)
 
-    table = markdown_table(rows)
-    head = (f"{args.model}, WikiText-2 test: {ref.windows.shape[0]} windows x {ref.windows.shape[1]} tokens"
-            f"{' (BOS per window)' if ref.bos else ''}; calibration {args.calib_samples} x "
-            f"{args.calib_seqlen or 'recipe'} tokens of {Path(args.calib).name}; torch threads {torch.get_num_threads()}")
-    notes = [f"skipped: {s}" for s in skipped]
-    text = "\n".join([head, "", table, "", *(f"- {n}" for n in notes)]).rstrip() + "\n"
-    print("\n" + text)
-    (out / "results.md").write_text(text)
-    write_json(out / "results.json", {
+    payload = {
         "model": args.model, "model_path": str(ref.src), "windows": int(ref.windows.shape[0]),
         "seqlen": int(ref.windows.shape[1]), "bos": ref.bos, "text": str(args.text),
         "calibration": {"file": str(args.calib), "n_samples": args.calib_samples, "seqlen": args.calib_seqlen},
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
-        "skipped": skipped, "rows": rows})
+        "skipped": skipped, "rows": rows}
+    write_json(out / "results.json", payload)
+    text = results_markdown(payload)
+    (out / "results.md").write_text(text)
+    print("\n" + text)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 
