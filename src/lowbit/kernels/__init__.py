@@ -1,5 +1,19 @@
 """Kernels: one function per operation, a plain-torch reference and fast backends behind one dispatcher."""
 
+from lowbit.kernels.int8_gemm import (
+    ACT_MODES as INT8_ACT_MODES,
+    BACKEND_ENV as INT8_BACKEND_ENV,
+    BACKENDS as INT8_BACKENDS,
+    int8_available_backends,
+    int8_gemm,
+    int8_gemm_ref,
+    prepare_int8,
+    quantize_activation,
+    quantize_per_tensor,
+    quantize_per_token,
+    quantize_static,
+    select_int8_backend,
+)
 from lowbit.kernels.wint import (
     BACKEND_ENV as WINT_BACKEND_ENV,
     BACKENDS as WINT_BACKENDS,
@@ -11,6 +25,18 @@ from lowbit.kernels.wint import (
 )
 
 __all__ = [
+    "INT8_ACT_MODES",
+    "INT8_BACKENDS",
+    "INT8_BACKEND_ENV",
+    "int8_available_backends",
+    "int8_gemm",
+    "int8_gemm_ref",
+    "prepare_int8",
+    "quantize_activation",
+    "quantize_per_tensor",
+    "quantize_per_token",
+    "quantize_static",
+    "select_int8_backend",
     "WINT_BACKENDS",
     "WINT_BACKEND_ENV",
     "prepare_wint",

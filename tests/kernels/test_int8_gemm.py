@@ -1,0 +1,121 @@
+"""int8_gemm: every backend against the int64 reference (exact accumulation), quantizers, bad input."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from lowbit.errors import SpecError
+
+# the package exports the function int8_gemm under the module's name: fetch the module itself
+K = importlib.import_module("lowbit.kernels.int8_gemm")
+
+
+def _case(m=33, k=96, n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qx = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    return qx, qw
+
+
+def _exact(qx, qw):
+    return (qx.double() @ qw.double().t())
+
+
+@pytest.mark.parametrize("backend", ["ref", "int_mm", "onednn"])
+@pytest.mark.parametrize("x_gran,w_gran", [("token", "channel"), ("tensor", "tensor"), ("token", "tensor"),
+                                           ("tensor", "channel")])
+def test_backends_match_exact_accumulation(backend, x_gran, w_gran):
+    m, k, n = 33, 96, 48
+    qx, qw = _case(m, k, n)
+    xs = torch.rand(m, 1) * 0.1 + 0.01 if x_gran == "token" else torch.tensor(0.03)
+    ws = torch.rand(n) * 0.1 + 0.01 if w_gran == "channel" else torch.tensor(0.02)
+    bias = torch.randn(n)
+    prepared = K.prepare_int8(qw, backends=[backend] if backend != "ref" else [])
+    y = K.int8_gemm(qx, xs, prepared, ws, bias, torch.float32, backend=backend)
+    want = _exact(qx, qw) * xs.double().reshape(-1, 1) * ws.double().reshape(1, -1) + bias.double()
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    # the int32 accumulator is exact; only the fp32 epilogue rounds
+    torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["int_mm", "onednn"])
+def test_m1_and_leading_dims_and_out_dtype(backend):
+    qx, qw = _case(6, 64, 32, seed=1)
+    ws = torch.rand(32) + 0.5
+    prepared = K.prepare_int8(qw, backends=[backend])
+    for m in (1, 6):
+        x3 = qx[:m].reshape(1, m, 64)
+        xs = torch.rand(1, m, 1) + 0.5
+        y = K.int8_gemm(x3, xs, prepared, ws, None, torch.bfloat16, backend=backend)
+        ref = K.int8_gemm_ref(qx[:m], xs.reshape(m, 1), qw, ws, None, torch.bfloat16)
+        assert y.shape == (1, m, 32) and y.dtype == torch.bfloat16
+        assert torch.equal(y.reshape(m, 32), ref)
+
+
+def test_auto_and_env_override(monkeypatch):
+    _, qw = _case(4, 32, 16)
+    p = K.prepare_int8(qw, backends=["int_mm", "onednn"])
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    assert K.select_int8_backend(p) in ("onednn", "int_mm")
+    monkeypatch.setenv(K.BACKEND_ENV, "ref")
+    assert K.select_int8_backend(p) == "ref"
+    monkeypatch.setenv(K.BACKEND_ENV, "onednn")
+    with pytest.raises(SpecError, match="not prepared"):
+        K.select_int8_backend(K.prepare_int8(qw, backends=[]))
+    with pytest.raises(SpecError, match="unknown backend"):
+        K.select_int8_backend(p, "cuda-magic")
+
+
+def test_per_token_quantizer_error_bound():
+    x = torch.randn(7, 5, 64) * torch.linspace(0.1, 10, 64)
+    q, s = K.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.shape == (7, 5, 1)
+    assert int(q.abs().max()) == 127  # each row's absmax lands on the grid's end
+    err = (q.float() * s - x).abs()
+    assert bool((err <= s / 2 + 1e-6).all())
+
+
+def test_per_tensor_and_static_quantizers():
+    x = torch.randn(9, 32)
+    q, s = K.quantize_per_tensor(x)
+    assert s.dim() == 0 and torch.isclose(s, x.abs().max() / 127)
+    assert ((q.float() * s - x).abs() <= s / 2 + 1e-6).all()
+    # a static scale smaller than the range clips
+    qs = K.quantize_static(x * 10, s)
+    assert int(qs.abs().max()) == 127
+    z, sz = K.quantize_per_token(torch.zeros(2, 8))  # an all-zero row must not divide by zero
+    assert torch.equal(z, torch.zeros(2, 8, dtype=torch.int8)) and bool(torch.isfinite(sz).all())
+
+
+def test_quantize_then_gemm_close_to_float():
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 128), torch.randn(96, 128)
+    qx, xs = K.quantize_per_token(x)
+    ws = w.abs().amax(1) / 127
+    qw = torch.round(w / ws[:, None]).to(torch.int8)
+    y = K.int8_gemm(qx, xs, K.prepare_int8(qw), ws)
+    ref = x @ w.t()
+    sqnr = 10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean())
+    assert sqnr > 35  # int8 x int8 on Gaussian data: about 38 dB
+
+
+def test_bad_input():
+    qx, qw = _case(4, 32, 16)
+    p = K.prepare_int8(qw)
+    with pytest.raises(SpecError, match="features"):
+        K.int8_gemm(qx[:, :16], torch.tensor(1.0), p, torch.tensor(1.0))
+    with pytest.raises(SpecError, match="x_scale"):
+        K.int8_gemm(qx, torch.ones(3), p, torch.tensor(1.0), backend="int_mm")
+    with pytest.raises(SpecError, match="w_scale"):
+        K.int8_gemm(qx, torch.tensor(1.0), p, torch.ones(5), backend="int_mm")
+    with pytest.raises(SpecError, match="int8"):
+        K.prepare_int8(qw.float())
+    with pytest.raises(SpecError, match="positive"):
+        K.quantize_static(torch.randn(3), torch.tensor(0.0))
+    with pytest.raises(SpecError, match="input scale"):
+        K.quantize_activation(torch.randn(3), "static")
+    with pytest.raises(SpecError, match="unknown activation mode"):
+        K.quantize_activation(torch.randn(3), "per_group")
