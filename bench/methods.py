@@ -79,6 +79,13 @@ def selected(only: str | None, qat_steps: int | None) -> tuple[list[str], list[s
     return run, skipped
 
 
+def write_results(out: Path, payload: dict) -> str:
+    write_json(out / "results.json", payload)
+    text = results_markdown(payload)
+    (out / "results.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="zoo name or HF checkpoint directory")
@@ -114,6 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     in_features = decoder_in_features(ref.fp)
     calib = lowbit.calib.text_file(args.calib, n_samples=args.calib_samples, seqlen=args.calib_seqlen)
 
+    payload = {
+        "model": args.model, "model_path": str(ref.src), "windows": int(ref.windows.shape[0]),
+        "seqlen": int(ref.windows.shape[1]), "bos": ref.bos, "text": str(args.text),
+        "calibration": {"file": str(args.calib), "n_samples": args.calib_samples, "seqlen": args.calib_seqlen},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads()},
+        "skipped": skipped, "rows": rows}
     for i, name in enumerate(presets):
         print(f"[{i + 1}/{len(presets)}] {name}", flush=True)
         row = {"method": name, "key": name, "status": "ok"}
@@ -142,17 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             if not args.keep_checkpoints:
                 shutil.rmtree(ckpt, ignore_errors=True)
+        write_results(out, payload)  # after every row: a long run stopped early keeps what it measured
 
-    payload = {
-        "model": args.model, "model_path": str(ref.src), "windows": int(ref.windows.shape[0]),
-        "seqlen": int(ref.windows.shape[1]), "bos": ref.bos, "text": str(args.text),
-        "calibration": {"file": str(args.calib), "n_samples": args.calib_samples, "seqlen": args.calib_seqlen},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
-        "skipped": skipped, "rows": rows}
-    write_json(out / "results.json", payload)
-    text = results_markdown(payload)
-    (out / "results.md").write_text(text)
+    text = write_results(out, payload)
     print("\n" + text)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 

@@ -168,36 +168,39 @@ def main(argv: list[str] | None = None) -> None:
     save_file({"input_ids": samples.contiguous()}, str(samples_file))
     ids_sha = hashlib.sha256(samples.numpy().tobytes()).hexdigest()
 
-    rows = []
-    for name in [n for n in names if n in IN_VENV]:
-        row = in_venv_row(name, args, work, windows_file, samples_file, ids_sha)
-        print(f"[peers] {name}: {row['status']}" + (f", ppl {row['ppl']:.3f}" if row.get("ppl") else ""), flush=True)
-        rows.append(row)
-    dense = [n for n in names if n in DENSE]
-    if dense:
-        rows += dense_rows(dense, args, work)
-
     if args.results:
         path = Path(args.results)
         payload = json.loads(path.read_text())
-        keys = {r["key"] for r in rows}
-        payload["rows"] = [r for r in payload["rows"] if r.get("key") not in keys] + rows
+        payload["rows"] = [r for r in payload["rows"] if r.get("key") not in names]
     else:
         path = Path(args.out) / "results.json"
         payload = {"model": args.model, "model_path": str(ref.src), "windows": int(ref.windows.shape[0]),
                    "seqlen": int(ref.windows.shape[1]), "bos": ref.bos, "text": str(args.text),
                    "rows": [{"method": "float (fp32)", "key": "float", "status": "ok", "quant_seconds": 0.0,
                              **measure(ref.fp, ref, ref.src, "none" if args.no_speed else "subprocess",
-                                       args.new_tokens)}] + rows}
+                                       args.new_tokens)}]}
     payload["peers"] = {"calibration": {"file": str(args.calib), "n_samples": int(samples.shape[0]),
                                         "seqlen": int(samples.shape[1]), "ids_sha256": ids_sha},
                         "group_size": args.group_size, "machine": {"platform": platform.platform(),
                                                                    "torch_threads": torch.get_num_threads()}}
-    write_json(path, payload)
-    text = results_markdown(payload)
-    path.with_suffix(".md").write_text(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+
+    def save() -> str:  # after every peer: a long run stopped early keeps what it measured
+        write_json(path, payload)
+        text = results_markdown(payload)
+        path.with_suffix(".md").write_text(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        return text
+
+    for name in [n for n in names if n in IN_VENV]:
+        row = in_venv_row(name, args, work, windows_file, samples_file, ids_sha)
+        print(f"[peers] {name}: {row['status']}" + (f", ppl {row['ppl']:.3f}" if row.get("ppl") else ""), flush=True)
+        payload["rows"].append(row)
+        save()
+    dense = [n for n in names if n in DENSE]
+    if dense:
+        payload["rows"] += dense_rows(dense, args, work)
+    text = save()
     print("\n" + text)
     print(f"wrote {path}" + (f" and {args.markdown}" if args.markdown else ""))
 
