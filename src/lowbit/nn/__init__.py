@@ -3,9 +3,10 @@
 from .awq_linear import AWQ_LAYOUTS, AWQLinear, AWQLinearGEMM, AWQLinearGEMV
 from .fake_quant import FakeQuantize, FakeQuantLinear
 from .spqr_linear import SpQRLinear
+from .w8a8_linear import W8A8Linear
 from .wq_linear import WQLinear
 
 QUANTIZED_MODULES = {"WQLinear": WQLinear, "AWQLinearGEMM": AWQLinearGEMM, "AWQLinearGEMV": AWQLinearGEMV,
-                     "SpQRLinear": SpQRLinear}
+                     "SpQRLinear": SpQRLinear, "W8A8Linear": W8A8Linear}
 
-__all__ = ["WQLinear", "FakeQuantize", "FakeQuantLinear", "SpQRLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]
+__all__ = ["WQLinear", "W8A8Linear", "FakeQuantize", "FakeQuantLinear", "SpQRLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]

@@ -1,0 +1,131 @@
+"""`W8A8Linear`: int8 weights and int8 activations, the GEMM itself in integers.
+
+Storage (what checkpoints hold; the names and shapes compressed-tensors' int-quantized uses):
+- `weight`       int8 `[out, in]`, symmetric codes;
+- `weight_scale` float32 `[out, 1]` (per output channel) or `[1]` (per tensor);
+- `input_scale`  float32 `[1]`, only for static activations (calibrated);
+- `bias`         optional, in the float model's dtype.
+
+`W[n, k] = weight[n, k] * weight_scale[n]`. The forward quantizes x (per token or per tensor from
+this call's absmax, or on the static `input_scale`) and calls `lowbit.kernels.int8_gemm`, which
+applies both scales and the bias to the int32 accumulator and returns x's dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..errors import InvalidWeightsError, SpecError
+from ..quant import PerChannel, PerTensor, QuantSpec, choose_qparams, quantize
+
+WEIGHT_GRANULARITIES = ("tensor", "channel")
+
+
+def int8_weight(weight: torch.Tensor, granularity: str, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes `[out, in]` and float32 scales `[out, 1]` / `[1]` of a float weight, on
+    lowbit.quant's grid (scale = absmax / 127.5, codes in [-128, 127], as compressed-tensors does)."""
+    if granularity not in WEIGHT_GRANULARITIES:
+        raise SpecError(f"int8 weights are per 'tensor' or per 'channel', got {granularity!r}")
+    spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel() if granularity == "channel" else PerTensor())
+    try:
+        qp = choose_qparams(weight.detach().float(), spec)
+    except InvalidWeightsError as e:  # say which layer
+        raise InvalidWeightsError(f"layer {name or '?'}: {e}") from None
+    q = quantize(weight.detach().float(), qp, spec)
+    return q, qp.scale.float().reshape(-1, 1) if granularity == "channel" else qp.scale.float().reshape(1)
+
+
+class W8A8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, weight_granularity: str = "channel",
+                 act_mode: str = "per_token", bias: bool = False, bias_dtype: torch.dtype = torch.float32,
+                 name: str = ""):
+        super().__init__()
+        if weight_granularity not in WEIGHT_GRANULARITIES:
+            raise SpecError(f"layer {name or '?'}: weight granularity must be one of {WEIGHT_GRANULARITIES}, "
+                            f"got {weight_granularity!r}")
+        if act_mode not in kernels.INT8_ACT_MODES:
+            raise SpecError(f"layer {name or '?'}: activation mode must be one of {kernels.INT8_ACT_MODES}, "
+                            f"got {act_mode!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_granularity, self.act_mode = weight_granularity, act_mode
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        n_scales = (out_features, 1) if weight_granularity == "channel" else (1,)
+        self.register_buffer("weight_scale", torch.ones(n_scales, dtype=torch.float32))
+        if act_mode == "static":
+            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32))
+        else:
+            self.input_scale = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
+        else:
+            self.bias = None
+        self._runtime: dict | None = None
+        self._runtime_device: torch.device | None = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, *, weight_granularity: str = "channel", act_mode: str = "per_token",
+                   input_scale: torch.Tensor | float | None = None, name: str = "") -> "W8A8Linear":
+        """From an `nn.Linear` (or anything with an `[out, in]` `weight` and optional `bias`).
+        Static activations need `input_scale` (absmax / 127 of the calibrated input)."""
+        weight = linear.weight
+        bias = getattr(linear, "bias", None)
+        return cls.from_weight(weight, bias, weight_granularity=weight_granularity, act_mode=act_mode,
+                               input_scale=input_scale, name=name)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, weight_granularity: str = "channel",
+                    act_mode: str = "per_token", input_scale: torch.Tensor | float | None = None,
+                    name: str = "") -> "W8A8Linear":
+        out_f, in_f = weight.shape
+        m = cls(in_f, out_f, weight_granularity=weight_granularity, act_mode=act_mode, bias=bias is not None,
+                bias_dtype=bias.dtype if bias is not None else torch.float32, name=name)
+        q, s = int8_weight(weight, weight_granularity, name)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(s)
+        if act_mode == "static":
+            if input_scale is None:
+                raise SpecError(f"layer {name or '?'}: static activations need a calibrated input_scale")
+            sc = torch.as_tensor(input_scale, dtype=torch.float32).reshape(-1)
+            if sc.numel() != 1 or not bool(torch.isfinite(sc).all()) or float(sc) <= 0:
+                raise SpecError(f"layer {name or '?'}: input_scale must be one finite positive number, got {sc}")
+            m.input_scale.copy_(sc)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m.to(weight.device)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float weight `[out, in]` this module computes with."""
+        return self.weight.float() * self.weight_scale.reshape(-1, 1)
+
+    def storage_bits(self) -> int:
+        total = self.weight.numel() * 8 + self.weight_scale.numel() * 32
+        if self.input_scale is not None:
+            total += 32
+        return total
+
+    def _prepared(self) -> dict:
+        if self._runtime is None or self._runtime_device != self.weight.device:
+            forced = os.environ.get(kernels.INT8_BACKEND_ENV, "auto").strip().lower() or "auto"
+            self._runtime = kernels.prepare_int8(self.weight, backends=(forced,) if forced in ("onednn",) else "auto")
+            self._runtime_device = self.weight.device
+        return self._runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qx, xs = kernels.quantize_activation(x, self.act_mode, self.input_scale)
+        return kernels.int8_gemm(qx, xs, self._prepared(), self.weight_scale, self.bias, x.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._runtime = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._runtime = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight=per-{self.weight_granularity}, act={self.act_mode}, bias={self.bias is not None}")
