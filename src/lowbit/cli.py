@@ -89,6 +89,9 @@ def check_recipe_fits_format(recipe, fmt: str) -> None:
     if fmt != "lowbit" and any(step.get("method") == "spqr" for step in recipe.steps):
         raise LowbitError(f"--format {fmt} has no sparse outliers or quantized group statistics; recipe {recipe.name} "
                           f"(SpQR) is saved in lowbit's own format only (--format lowbit)")
+    if fmt != "lowbit" and recipe.activations is not None:
+        raise LowbitError(f"--format {fmt} holds weight-only layers; recipe {recipe.name} quantizes activations too "
+                          f"(W8A8): use --format lowbit")
     if fmt == "awq" and (w.bits != 4 or w.symmetric or w.dtype != "int"):
         raise LowbitError(f"--format awq stores 4-bit asymmetric integer weights; recipe {recipe.name} has {w}")
     if fmt in ("gptq", "compressed-tensors") and w.dtype != "int":

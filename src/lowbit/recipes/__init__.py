@@ -11,7 +11,7 @@ import yaml
 
 from ..algorithms import ALGORITHMS
 from ..errors import LowbitError, SpecError
-from ..quant import PerChannel, PerGroup, QuantSpec
+from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 
 class RecipeError(LowbitError):
@@ -25,6 +25,8 @@ class Recipe:
     weights: QuantSpec
     steps: list[dict] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
+    # None: activations stay in float (weight-only recipes)
+    activations: QuantSpec | None = None
 
     def build(self) -> list:
         algs = []
@@ -33,20 +35,48 @@ class Recipe:
             method = step.pop("method", None)
             if method not in ALGORITHMS:
                 raise RecipeError(f"recipe {self.name}: unknown method {method!r} (known: {', '.join(sorted(ALGORITHMS))})")
-            algs.append(ALGORITHMS[method](self.weights, **step))
+            cls = ALGORITHMS[method]
+            if getattr(cls, "takes_activations", False):
+                step.setdefault("activations", self.activations)
+            algs.append(cls(self.weights, **step))
         return algs
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "weights": self.weights.to_dict(), "steps": self.steps}
+        d = {"name": self.name, "weights": self.weights.to_dict(), "steps": self.steps}
+        if self.activations is not None:
+            d["activations"] = self.activations.to_dict()
+        return d
 
 
 def available() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
 
 
-def weight_spec(bits: int, symmetric: bool, group_size: int) -> QuantSpec:
-    gran = PerChannel() if group_size in (-1, 0, None) else PerGroup(int(group_size))
+def weight_spec(bits: int, symmetric: bool, group_size: int, granularity: str | None = None) -> QuantSpec:
+    """`granularity: tensor` (one scale per weight) overrides group_size; else -1 is per channel."""
+    if granularity not in (None, "tensor", "channel", "group"):
+        raise RecipeError(f"weights granularity must be tensor, channel or group, got {granularity!r}")
+    if granularity == "tensor":
+        gran = PerTensor()
+    else:
+        gran = PerChannel() if group_size in (-1, 0, None) or granularity == "channel" else PerGroup(int(group_size))
     return QuantSpec(bits=int(bits), symmetric=bool(symmetric), granularity=gran)
+
+
+_ACT_GRANULARITIES = {"token": PerToken, "tensor": PerTensor}
+
+
+def activation_spec(a: dict) -> QuantSpec:
+    """An `activations:` block: bits, symmetric, granularity (token / tensor), dynamic, observer."""
+    unknown = set(a) - {"bits", "symmetric", "granularity", "dynamic", "observer"}
+    if unknown:
+        raise RecipeError(f"unknown activations keys: {sorted(unknown)}")
+    g = a.get("granularity", "token")
+    if g not in _ACT_GRANULARITIES:
+        raise RecipeError(f"activations granularity must be one of {sorted(_ACT_GRANULARITIES)}, got {g!r}")
+    return QuantSpec(bits=int(a.get("bits", 8)), symmetric=bool(a.get("symmetric", True)),
+                     granularity=_ACT_GRANULARITIES[g](), dynamic=bool(a.get("dynamic", True)),
+                     observer=a.get("observer", "minmax"))
 
 
 def load_recipe(name_or_path: str | Path, *, bits: int | None = None, group_size: int | None = None,
@@ -69,12 +99,14 @@ def load_recipe(name_or_path: str | Path, *, bits: int | None = None, group_size
             w["group_size"] = group_size
         if symmetric is not None:
             w["symmetric"] = symmetric
-        spec = weight_spec(w.get("bits", 4), w.get("symmetric", False), w.get("group_size", 128))
+        spec = weight_spec(w.get("bits", 4), w.get("symmetric", False), w.get("group_size", 128),
+                           w.get("granularity"))
         spec = dataclasses.replace(spec, **{k: w[k] for k in ("dtype", "observer") if k in w})
         name = d.get("name", p.stem)
         if bits is not None or group_size is not None or symmetric is not None:
             name = f"{name} ({spec})"
         return Recipe(name=name, description=d.get("description", ""), weights=spec,
-                      steps=list(d.get("steps") or [{"method": "rtn"}]), calibration=dict(d.get("calibration") or {}))
+                      steps=list(d.get("steps") or [{"method": "rtn"}]), calibration=dict(d.get("calibration") or {}),
+                      activations=activation_spec(dict(d["activations"])) if d.get("activations") else None)
     except (yaml.YAMLError, AttributeError, TypeError, KeyError) as e:
         raise RecipeError(f"recipe {name_or_path}: not a valid recipe ({e})") from e

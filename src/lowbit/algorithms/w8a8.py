@@ -1,0 +1,95 @@
+"""The rounding step of weight + activation int8 recipes: every linear becomes a `W8A8Linear`.
+
+Weights are rounded to nearest on a symmetric int8 grid, per tensor or per output channel (the
+recipe's `weights`); activations are quantized as the recipe's `activations` spec says:
+
+    activations spec                      W8A8Linear act_mode
+    granularity token,  dynamic: true     per_token   (scale from each token's absmax, at run time)
+    granularity tensor, dynamic: true     per_tensor  (scale from the whole input's absmax, at run time)
+    granularity tensor, dynamic: false    static      (input_scale calibrated: absmax / 127 over the
+                                                       calibration tokens of the block's float inputs)
+
+After SmoothQuant this is SmoothQuant's O1 / O2 / O3; alone it is naive W8A8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..calib.stats import collect_activation_stats
+from ..errors import CalibrationError, InvalidWeightsError, SpecError
+from ..kernels.int8_gemm import QMAX
+from ..models import get_blocks, block_linears, linear_weight, set_module
+from ..nn import W8A8Linear
+from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from .base import Algorithm
+
+
+def weight_granularity(spec: QuantSpec) -> str:
+    """"tensor" or "channel" for a symmetric 8-bit integer weight spec; anything else is refused."""
+    g = spec.granularity
+    if spec.bits != 8 or not spec.symmetric or spec.dtype != "int":
+        raise SpecError(f"W8A8 needs 8-bit symmetric integer weights, the recipe has {spec}")
+    if isinstance(g, PerTensor):
+        return "tensor"
+    if isinstance(g, PerChannel) or (isinstance(g, PerGroup) and g.group_size == -1):
+        return "channel"
+    raise SpecError(f"W8A8 weights are per tensor or per channel, the recipe has {g}")
+
+
+def act_mode(spec: QuantSpec | None) -> str:
+    """W8A8Linear's act_mode for an 8-bit symmetric activation spec."""
+    if spec is None:
+        raise SpecError("a W8A8 recipe needs an `activations` block (bits 8, symmetric, granularity "
+                        "token/tensor, dynamic true/false)")
+    if spec.bits != 8 or not spec.symmetric or spec.dtype != "int":
+        raise SpecError(f"W8A8 activations are 8-bit symmetric integers, the recipe has {spec}")
+    g = spec.granularity
+    if isinstance(g, PerToken) and spec.dynamic:
+        return "per_token"
+    if isinstance(g, PerTensor):
+        return "per_tensor" if spec.dynamic else "static"
+    raise SpecError(f"W8A8 activations are per token (dynamic) or per tensor (dynamic or static), "
+                    f"the recipe has {spec}")
+
+
+class W8A8(Algorithm):
+    name = "w8a8"
+    takes_activations = True
+
+    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None):
+        self.spec = spec
+        self.activations = activations
+        self.weight_granularity = weight_granularity(spec)
+        self.act_mode = act_mode(activations)
+        # static scales come from calibration; dynamic ones need no data at all
+        self.requires_calibration = self.act_mode == "static"
+
+    def prepare(self, model, adapter) -> None:
+        for i, block in enumerate(get_blocks(model, adapter)):
+            for name, mod in block_linears(block, adapter).items():
+                w = linear_weight(mod)
+                if w.is_floating_point() and not bool(w.isfinite().all()):
+                    raise InvalidWeightsError(f"layer {adapter.blocks}.{i}.{name} has NaN or Inf in its weight")
+
+    @torch.no_grad()
+    def quantize_block(self, ctx) -> None:
+        linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, W8A8Linear)}
+        scales: dict[str, float] = {}
+        if self.act_mode == "static":
+            if not ctx.has_data:
+                raise CalibrationError("static activation scales need calibration data")
+            stats = collect_activation_stats(ctx, list(linears))
+            for n in linears:
+                if n not in stats or stats[n].absmax <= 0:
+                    raise CalibrationError(f"{ctx.name}.{n}: calibration never reached this layer with a non-zero "
+                                           f"input; no static scale can be set")
+                scales[n] = stats[n].absmax / QMAX
+        for n, m in linears.items():
+            q = W8A8Linear.from_weight(linear_weight(m), getattr(m, "bias", None),
+                                       weight_granularity=self.weight_granularity, act_mode=self.act_mode,
+                                       input_scale=scales.get(n), name=f"{ctx.name}.{n}")
+            set_module(ctx.block, n, q)
+
+    def config(self) -> dict:
+        return {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode}
