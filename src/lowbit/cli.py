@@ -1,4 +1,4 @@
-"""`lowbit`: quantize, eval, bench, convert, zoo. Bad input ends in one line on stderr and status 2."""
+"""`lowbit`: quantize, eval, bench, report, convert, zoo. Bad input ends in one line on stderr and status 2."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--json")
+
+    r = sub.add_parser("report", help="HTML page and PNG plots: per-layer error, activation outliers, scales")
+    r.add_argument("model", help="quantized checkpoint directory")
+    r.add_argument("--ref", required=True, help="the float model it was quantized from (directory or zoo name)")
+    r.add_argument("--results", help="a bench/methods.py results.json, for perplexity against bits per weight")
+    r.add_argument("--calib", help="text file to draw the tokens from (default: text the float model samples)")
+    r.add_argument("--calib-samples", type=int, default=2)
+    r.add_argument("--calib-seqlen", type=int, default=128)
+    r.add_argument("--out", required=True)
+    r.add_argument("--overwrite", action="store_true")
 
     c = sub.add_parser("convert", help="import a GGUF file into a plain HF checkpoint")
     c.add_argument("gguf")
@@ -154,6 +164,36 @@ def cmd_bench(a) -> None:
     _write_json(a.json, res)
 
 
+def cmd_report(a) -> None:
+    from . import api, calib
+    from .eval.report import self_generated_ids, write_report
+    from .formats.atomic import check_output_dir
+
+    check_output_dir(a.out, a.overwrite)
+    results = None
+    if a.results:
+        try:
+            results = json.loads(Path(a.results).read_text())
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"--results {a.results}: not a readable results.json ({e})") from None
+    if a.calib is not None and not Path(a.calib).is_file():
+        raise LowbitError(f"calibration file {a.calib} does not exist")
+    qmodel, fp = api.load(a.model), api.load(a.ref)
+    tok = fp.lowbit_tokenizer
+    if a.calib:
+        if tok is None:
+            raise LowbitError(f"{a.ref} has no tokenizer files; --calib needs one")
+        ids = calib.text_file(a.calib, n_samples=a.calib_samples, seqlen=a.calib_seqlen).samples(tok)
+        where = f"{a.calib_samples} x {a.calib_seqlen} tokens of {Path(a.calib).name}"
+    else:
+        ids = self_generated_ids(fp, tok, a.calib_seqlen)
+        where = f"{a.calib_seqlen} tokens sampled from the float model"
+    page = write_report(qmodel, fp, ids, a.out, results=results, overwrite=a.overwrite,
+                        title=f"lowbit report: {Path(str(a.model)).name}",
+                        source=f"{a.model} against {a.ref}; {where}")
+    print(f"wrote {page}")
+
+
 def cmd_convert(a) -> None:
     from .formats.gguf import convert_gguf
 
@@ -176,7 +216,7 @@ def cmd_zoo(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "convert": cmd_convert,
+        {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "convert": cmd_convert,
          "zoo": cmd_zoo}[args.cmd](args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
