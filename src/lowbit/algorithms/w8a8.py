@@ -53,6 +53,15 @@ def act_mode(spec: QuantSpec | None) -> str:
                     f"the recipe has {spec}")
 
 
+def check_finite_weights(model, adapter) -> None:
+    """Refuses NaN/Inf weights before any work, naming the layer."""
+    for i, block in enumerate(get_blocks(model, adapter)):
+        for name, mod in block_linears(block, adapter).items():
+            w = linear_weight(mod)
+            if w.is_floating_point() and not bool(w.isfinite().all()):
+                raise InvalidWeightsError(f"layer {adapter.blocks}.{i}.{name} has NaN or Inf in its weight")
+
+
 class W8A8(Algorithm):
     name = "w8a8"
     takes_activations = True
@@ -66,11 +75,7 @@ class W8A8(Algorithm):
         self.requires_calibration = self.act_mode == "static"
 
     def prepare(self, model, adapter) -> None:
-        for i, block in enumerate(get_blocks(model, adapter)):
-            for name, mod in block_linears(block, adapter).items():
-                w = linear_weight(mod)
-                if w.is_floating_point() and not bool(w.isfinite().all()):
-                    raise InvalidWeightsError(f"layer {adapter.blocks}.{i}.{name} has NaN or Inf in its weight")
+        check_finite_weights(model, adapter)
 
     @torch.no_grad()
     def quantize_block(self, ctx) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InvalidWeightsError
 from ..models import get_module, set_module
-from ..nn import QUANTIZED_MODULES, SpQRLinear, W8A8Linear, WQLinear
+from ..nn import QUANTIZED_MODULES, MixedInt8Linear, SpQRLinear, W8A8Linear, WQLinear
 from .atomic import atomic_dir
 
 FORMAT_VERSION = 1
@@ -44,6 +44,10 @@ def module_config(m: nn.Module) -> dict:
                 "qq_zero_bits": m.qq_zero_bits, "qq_groupsize": m.qq_groupsize, "n_outliers": m.n_outliers,
                 "bias": m.bias is not None, "act_order": m.perm is not None,
                 "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
+    if isinstance(m, MixedInt8Linear):  # before W8A8Linear, its base class
+        return {"class": "MixedInt8Linear", "in_features": m.in_features, "out_features": m.out_features,
+                "threshold": m.threshold, "bias": m.bias is not None,
+                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
     if isinstance(m, W8A8Linear):
         return {"class": "W8A8Linear", "in_features": m.in_features, "out_features": m.out_features,
                 "weight_granularity": m.weight_granularity, "act_mode": m.act_mode, "bias": m.bias is not None,
@@ -58,6 +62,9 @@ def module_from_config(c: dict, name: str) -> nn.Module:
                           qq_groupsize=c["qq_groupsize"], n_outliers=c["n_outliers"], bias=c["bias"],
                           bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"),
                           act_order=bool(c.get("act_order", False)), name=name)
+    if c.get("class") == "MixedInt8Linear":
+        return MixedInt8Linear(c["in_features"], c["out_features"], threshold=c["threshold"], bias=c["bias"],
+                               bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"), name=name)
     if c.get("class") == "W8A8Linear":
         return W8A8Linear(c["in_features"], c["out_features"], weight_granularity=c["weight_granularity"],
                           act_mode=c["act_mode"], bias=c["bias"],

@@ -14,6 +14,7 @@ from lowbit.kernels.int8_gemm import (
     quantize_static,
     select_int8_backend,
 )
+from lowbit.kernels.mixed_int8 import mixed_int8_matmul, mixed_int8_matmul_ref, outlier_columns
 from lowbit.kernels.wint import (
     BACKEND_ENV as WINT_BACKEND_ENV,
     BACKENDS as WINT_BACKENDS,
@@ -31,6 +32,9 @@ __all__ = [
     "int8_available_backends",
     "int8_gemm",
     "int8_gemm_ref",
+    "mixed_int8_matmul",
+    "mixed_int8_matmul_ref",
+    "outlier_columns",
     "prepare_int8",
     "quantize_activation",
     "quantize_per_tensor",
