@@ -63,6 +63,16 @@ def test_bf16_input_gives_bf16_output():
     assert _sqnr(lin(x), y.float()) > 25
 
 
+def test_dtype_casts_keep_the_scales_float32():
+    lin = _linear()
+    m = W8A8Linear.from_float(lin, act_mode="static", input_scale=0.0123456789)
+    ws = m.weight_scale.clone()
+    m.to(torch.bfloat16)
+    assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, ws)
+    assert m.input_scale.dtype == torch.float32 and m.bias.dtype == torch.bfloat16
+    assert m(torch.randn(4, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_storage_and_dequantized_weight():
     lin = _linear(in_f=64, out_f=32)
     m = W8A8Linear.from_float(lin, weight_granularity="channel")

@@ -124,7 +124,13 @@ class W8A8Linear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._runtime = None
-        return super()._apply(fn, *args, **kwargs)
+        # model.to(bfloat16) must not round the scales: they are part of the quantized weight
+        keep = {k: t for k in ("weight_scale", "input_scale") if (t := self._buffers.get(k)) is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for k, t in keep.items():
+            if self._buffers[k].dtype != t.dtype:
+                self._buffers[k] = t.to(self._buffers[k].device)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
