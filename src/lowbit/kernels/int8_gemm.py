@@ -28,12 +28,12 @@ Backends, all exact in int32:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from lowbit.errors import SpecError
+from lowbit.kernels._dispatch import forced_backend
 
 __all__ = [
     "ACT_MODES",
@@ -201,15 +201,10 @@ def int8_available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, 
 def select_int8_backend(prepared: Mapping[str, torch.Tensor], backend: str = "auto") -> str:
     """An explicit ``backend`` wins, then ``LOWBIT_INT8_BACKEND``, then ``auto``: oneDNN when its
     weight was prepared (AMX), else ``torch._int_mm``."""
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     have = int8_available_backends(prepared)
-    if backend != "auto":
-        if backend not in BACKENDS:
-            raise SpecError(f"int8: unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
-        if backend not in have:
-            raise SpecError(f"int8: backend {backend!r} was not prepared (have {have})")
-        return backend
+    forced = forced_backend("int8", backend, BACKEND_ENV, BACKENDS, have)
+    if forced is not None:
+        return forced
     for name in ("onednn", "int_mm"):
         if name in have:
             return name

@@ -37,7 +37,6 @@ the ``*_MAX_M`` token counts (figures next to the constants).
 from __future__ import annotations
 
 
-import os
 import threading
 from collections.abc import Iterable, Mapping
 
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import GroupSizeError, SpecError
 from lowbit.kernels import _wint_cpp
+from lowbit.kernels._dispatch import forced_backend
 
 __all__ = [
     "BACKENDS",
@@ -354,17 +354,12 @@ def select_backend(m: int, prepared: Mapping[str, torch.Tensor], backend: str = 
     An explicit ``backend`` wins, then the ``LOWBIT_WINT_BACKEND`` environment variable, then
     ``auto``: the weight-only op up to its ``*_MAX_M`` tokens, dequantize + bf16 GEMM above.
     """
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     have = available_backends(prepared)
     if not have:
         raise SpecError(f"wint: no prepared weight among keys {sorted(prepared)}")
-    if backend != "auto":
-        if backend not in BACKENDS:
-            raise SpecError(f"wint: unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
-        if backend not in have:
-            raise SpecError(f"wint: backend {backend!r} was not prepared (have {have})")
-        return backend
+    forced = forced_backend("wint", backend, BACKEND_ENV, BACKENDS, have)
+    if forced is not None:
+        return forced
     if "int4cpp" in have and m <= INT4CPP_MAX_M:
         return "int4cpp"
     if "int4pack" in have:

@@ -1,0 +1,141 @@
+"""Weight + activation int8 presets on a reference model, and the speed of the integer GEMM.
+
+Quality: every W8A8 preset is quantized (calibration: random 512-token slices of WikiText-2
+validation, `--calib-samples` of them), saved in lowbit's format and reloaded, then scored on the
+WikiText-2 test windows: perplexity, KL divergence and top-1 agreement against the float model,
+bits per weight of the decoder-block linears. Naive W8A8 (per-tensor static, no smoothing) sits
+next to the SmoothQuant and LLM.int8() rows so the table shows what each method fixes.
+
+Speed: `W8A8Linear` (per-token dynamic activations, quantization of x included in the time) against
+fp32 and bf16 `F.linear` at M = 1, 128, 512 tokens on 4096x4096, 4096x11008 and the model's own MLP
+shape; and one 512-token prefill of the whole model, bf16 float against W8A8 (sq-o1) in bf16.
+
+    python bench/w8a8.py --model smollm2-135m [--windows 40] [--calib-samples 64] [--only w8a8-sq-o1,...]
+        [--no-speed] [--speed-only] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.api import resolve_model_path
+from lowbit.eval import bits_per_weight
+from lowbit.nn import W8A8Linear
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import REPO, WIKI_TEST, WIKI_VALID, load_reference, markdown_table, quality, write_json  # noqa: E402
+
+PRESETS = ("w8a8-naive", "w8a8-sq-o1", "w8a8-sq-o2", "w8a8-sq-o3", "w8a8-llm-int8")
+COLUMNS = [("bits/weight", "bits_per_weight", ".2f"), ("ppl", "ppl", ".3f"), ("Δppl", "delta_ppl", "+.3f"),
+           ("Δppl %", "delta_pct", "+.2f"), ("KL", "kl", ".4f"), ("top-1", "top1_agreement", ".3f"),
+           ("quant s", "quant_seconds", ".1f")]
+
+
+def median_ms(fn, reps: int = 7) -> float:
+    fn()  # warm-up: oneDNN primitives, first-touch of buffers
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@torch.inference_mode()
+def layer_speed(shapes, ms=(1, 128, 512)) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        lin = torch.nn.Linear(k, n, bias=False)
+        w8 = W8A8Linear.from_float(lin, weight_granularity="channel", act_mode="per_token")
+        wb = lin.weight.detach().bfloat16()
+        for m in ms:
+            x = torch.randn(m, k)
+            xb = x.bfloat16()
+            row = {"K": k, "N": n, "M": m,
+                   "fp32_ms": median_ms(lambda: F.linear(x, lin.weight)),
+                   "bf16_ms": median_ms(lambda: F.linear(xb, wb)),
+                   "w8a8_bf16_ms": median_ms(lambda: w8(xb))}
+            row["speedup_vs_bf16"] = row["bf16_ms"] / row["w8a8_bf16_ms"]
+            rows.append(row)
+            print(f"  {k}x{n} M={m}: fp32 {row['fp32_ms']:.2f} ms, bf16 {row['bf16_ms']:.2f} ms, "
+                  f"W8A8 {row['w8a8_bf16_ms']:.2f} ms ({row['speedup_vs_bf16']:.2f}x bf16)", flush=True)
+    return rows
+
+
+@torch.inference_mode()
+def prefill_speed(src, recipe: str, calib, tokens: int = 512) -> dict:
+    fp = lowbit.load(src).to(torch.bfloat16)
+    ids = torch.randint(100, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    t_fp = median_ms(lambda: fp(ids), reps=5)
+    del fp
+    q = lowbit.quantize(lowbit.load(src), recipe, calib, progress=False).to(torch.bfloat16)
+    t_q = median_ms(lambda: q(ids), reps=5)
+    return {"tokens": tokens, "bf16_ms": t_fp, "w8a8_ms": t_q, "bf16_tok_s": tokens / t_fp * 1e3,
+            "w8a8_tok_s": tokens / t_q * 1e3, "speedup": t_fp / t_q, "recipe": recipe}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib", default=str(WIKI_VALID))
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--only", default=None, help="comma-separated presets")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "w8a8"))
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    calib = lowbit.calib.text_file(a.calib, n_samples=a.calib_samples, seqlen=512)
+    result: dict = {"model": a.model, "windows": a.windows, "seqlen": a.seqlen, "calib_samples": a.calib_samples,
+                    "threads": torch.get_num_threads()}
+
+    if not a.speed_only:
+        ref = load_reference(a.model, WIKI_TEST, a.windows, a.seqlen)
+        rows = [dict(method="float (fp32)", bits_per_weight=32.0, quant_seconds=0.0, **quality(ref.fp, ref))]
+        for preset in (a.only.split(",") if a.only else PRESETS):
+            model = lowbit.load(ref.src)
+            t0 = time.perf_counter()
+            q = lowbit.quantize(model, preset, calib, progress=False)
+            qtime = time.perf_counter() - t0
+            out = lowbit.save(q, Path(a.out) / a.model / preset, tokenizer=ref.fp.lowbit_tokenizer, overwrite=True)
+            del q, model
+            q = lowbit.load(out)  # what a user gets back from disk
+            row = dict(method=preset, quant_seconds=qtime,
+                       bits_per_weight=bits_per_weight(q)["bits_per_weight"], **quality(q, ref))
+            row["delta_pct"] = 100 * (row["ppl"] / rows[0]["ppl"] - 1)
+            rows.append(row)
+            print(f"  {preset}: ppl {row['ppl']:.3f} ({row['delta_pct']:+.2f}%), KL {row['kl']:.4f}, "
+                  f"top-1 {row['top1_agreement']:.3f}, {qtime:.1f} s", flush=True)
+            del q
+        result["rows"] = rows
+        print()
+        print(markdown_table(rows, COLUMNS, status=False))
+
+    if not a.no_speed:
+        cfg = lowbit.load(resolve_model_path(a.model)).config
+        shapes = [(4096, 4096), (4096, 11008), (cfg.hidden_size, cfg.intermediate_size)]
+        print(f"\nlayer speed ({torch.get_num_threads()} threads; W8A8 = per-token int8 quantization of x + "
+              f"int8 GEMM + epilogue, bf16 in and out)")
+        result["layers"] = layer_speed(shapes)
+        p = prefill_speed(resolve_model_path(a.model), "w8a8-sq-o1", calib)
+        result["prefill"] = p
+        print(f"\nprefill of {p['tokens']} tokens, whole model: bf16 {p['bf16_ms']:.0f} ms "
+              f"({p['bf16_tok_s']:.0f} tok/s), W8A8 sq-o1 in bf16 {p['w8a8_ms']:.0f} ms "
+              f"({p['w8a8_tok_s']:.0f} tok/s): {p['speedup']:.2f}x")
+    if a.json:
+        write_json(a.json, result)
+
+
+if __name__ == "__main__":
+    main()
