@@ -41,6 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--device", default=None)
 
+    t = sub.add_parser("train-qat", help="quantization-aware training from a PTQ start, packed and saved like PTQ")
+    t.add_argument("model", help="HF checkpoint directory or zoo name (the float model; also the distillation teacher)")
+    t.add_argument("--recipe", default="w4a16-qat", help="a QAT preset (w4a16-qat, w3a16-qat, w2a16-qat) or .yaml")
+    t.add_argument("--bits", type=int)
+    t.add_argument("--group-size", type=int, help="-1 for per-channel")
+    tsym = t.add_mutually_exclusive_group()
+    tsym.add_argument("--sym", dest="symmetric", action="store_true", default=None)
+    tsym.add_argument("--asym", dest="symmetric", action="store_false")
+    t.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    t.add_argument("--calib", help="training text file (also the PTQ start's calibration)")
+    t.add_argument("--calib-samples", type=int, help="PTQ start: calibration windows")
+    t.add_argument("--calib-seqlen", type=int)
+    t.add_argument("--train-samples", type=int, help="training windows (default: steps x batch size)")
+    t.add_argument("--train-seqlen", type=int, help="tokens per training window (default: the recipe's seqlen)")
+    t.add_argument("--checkpoint-every", type=int, help="steps between training-state checkpoints")
+    t.add_argument("--state", help="training-state directory (default: OUT.qat-state)")
+    t.add_argument("--resume", help="continue the run saved in this training-state directory")
+    t.add_argument("--out", required=True)
+    t.add_argument("--format", default="lowbit", choices=["lowbit", "gptq", "compressed-tensors"])
+    t.add_argument("--overwrite", action="store_true")
+
     e = sub.add_parser("eval", help="perplexity, KL to a reference model, bits per weight")
     e.add_argument("model", help="checkpoint directory (lowbit or HF) or zoo name")
     e.add_argument("--ppl", required=True, help="text file, e.g. ../shared/data/wikitext-2/wiki.test.joined.txt")
@@ -135,6 +156,45 @@ def cmd_quantize(a) -> None:
     print(f"quantized {a.model} with {recipe.name} in {elapsed:.1f} s -> {out} ({a.format} format)")
 
 
+def cmd_train_qat(a) -> None:
+    import dataclasses
+
+    from . import api, calib
+    from .algorithms import qat
+    from .formats.atomic import check_output_dir
+    from .recipes import load_recipe
+
+    out = check_output_dir(a.out, a.overwrite)
+    recipe = load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric)
+    start, cfg = qat.split_recipe(recipe)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", a.steps), ("checkpoint_every", a.checkpoint_every))
+                                      if v is not None})
+    check_recipe_fits_format(start, a.format)
+    if a.resume is None and a.calib is None:
+        raise LowbitError("train-qat needs --calib FILE: the text it trains on")
+    if a.calib is not None and not Path(a.calib).is_file():
+        raise LowbitError(f"calibration file {a.calib} does not exist")
+    t0 = time.perf_counter()
+    model = api.load(a.model)
+    teacher = api.load(a.model) if cfg.distill > 0 else None
+    if a.resume:
+        trainer = qat.QATTrainer.resume(model, a.resume, teacher=teacher, steps=a.steps)
+    else:
+        src = calib.text_file(a.calib)
+        api.quantize(model, start, src, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen)
+        samples = src.samples(model.lowbit_tokenizer, a.train_samples or cfg.steps * cfg.batch_size,
+                              a.train_seqlen, fallback=recipe.calibration)
+        qat.prepare(model)
+        trainer = qat.QATTrainer(model, samples, cfg, teacher=teacher, state_dir=a.state or f"{out}.qat-state")
+    trainer.train()
+    qat.convert(model)
+    model.lowbit_recipe = {**recipe.to_dict(), "algorithms": [{"method": "qat", **dataclasses.asdict(trainer.config)}]}
+    api.save(model, out, format=a.format, overwrite=a.overwrite)
+    last = trainer.history[-1]["loss"] if trainer.history else float("nan")
+    print(f"trained {a.model} with {recipe.name} for {trainer.step} steps (last loss {last:.4f}) in "
+          f"{time.perf_counter() - t0:.1f} s -> {out} ({a.format} format); training state in {trainer.state_dir}")
+
+
 def cmd_eval(a) -> None:
     from . import api
     from .eval import bits_per_weight, evaluate, load_windows, model_bytes
@@ -216,7 +276,7 @@ def cmd_zoo(a) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "convert": cmd_convert,
+        {"quantize": cmd_quantize, "train-qat": cmd_train_qat, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "convert": cmd_convert,
          "zoo": cmd_zoo}[args.cmd](args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)

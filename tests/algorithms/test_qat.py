@@ -165,3 +165,24 @@ def test_qat_recipes_split_into_a_ptq_start_and_settings():
         assert all(s["method"] != "qat" for s in start.steps) and cfg.steps > 0
     with pytest.raises(LowbitError, match="train-qat"):
         lowbit.quantize(tiny_model("llama"), "w3a16-qat", _samples(), group_size=32, progress=False)
+
+
+def test_cli_train_qat_trains_saves_and_resumes(tmp_path, tiny_dir, capsys):
+    from lowbit.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits. " * 60)
+    common = ["--recipe", "w3a16-qat", "--group-size", "32", "--calib", str(text), "--calib-samples", "4",
+              "--calib-seqlen", "16", "--train-seqlen", "16", "--train-samples", "6"]
+    out = tmp_path / "q"
+    assert main(["train-qat", str(tiny_dir), *common, "--steps", "2", "--out", str(out)]) == 0
+    state = tmp_path / "q.qat-state"
+    assert json.loads((state / "trainer.json").read_text())["step"] == 2
+    model = lowbit.load(out)
+    assert isinstance(model.model.layers[0].mlp.up_proj, WQLinear) and model.model.layers[0].mlp.up_proj.bits == 3
+    assert main(["train-qat", str(tiny_dir), *common, "--steps", "3", "--resume", str(state),
+                 "--out", str(tmp_path / "q2")]) == 0
+    assert json.loads((state / "trainer.json").read_text())["step"] == 3
+    assert main(["train-qat", str(tiny_dir), "--recipe", "w4a16-rtn", "--out", str(tmp_path / "bad")]) == 2
+    assert "ends with exactly one `method: qat` step" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

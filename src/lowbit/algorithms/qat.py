@@ -167,11 +167,23 @@ def convert(model: nn.Module) -> nn.Module:
     """Packs every FakeQuantLinear into the WQLinear it computes, in place; returns the model."""
     for name, m in fake_quant_modules(model).items():
         set_module(model, name, m.to_wqlinear())
-    if hasattr(model, "gradient_checkpointing_disable"):  # a no-op unless the trainer enabled it
-        model.gradient_checkpointing_disable()
+    _checkpointing(model, False)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing of the decoder blocks on or off (transformers 5 renamed the switch)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        elif getattr(model, "is_activation_checkpointing", False):
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
 
 
 def _layout(modules: dict[str, FakeQuantLinear]) -> dict:
@@ -236,7 +248,7 @@ class QATTrainer:
         self.base_lrs = [g["lr"] for g in groups]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
         if self.config.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpointing(model, True)
 
     # ---- one step ---------------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
