@@ -269,16 +269,27 @@ def plot_layer_errors(rows: list[dict], path: Path, title: str) -> None:
 
 def plot_channel_map(matrix: torch.Tensor, path: Path, title: str, label: str, cmap: str = "viridis",
                      center: bool = False) -> None:
+    """A [blocks, channels] heatmap; `center`: a diverging map around 0 (log scales), else a plain one."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 3.2))
+    # a figure this wide shows ~700 columns: pool wider maps so that a lone outlier channel survives
+    k = math.ceil(matrix.shape[1] / 384)
+    if k > 1:
+        pad = k * math.ceil(matrix.shape[1] / k) - matrix.shape[1]
+        m = torch.nn.functional.pad(matrix, (0, pad), value=0.0 if center else float(matrix.min()))
+        m = m.reshape(matrix.shape[0], -1, k)
+        # centered maps keep each bin's value farthest from 0 (sign kept), the others its maximum
+        matrix = m.gather(2, m.abs().argmax(2, keepdim=True)).squeeze(2) if center else m.amax(2)
     data = matrix.numpy()
     kw = {}
     if center:
         lim = float(abs(data).max()) or 1.0
         kw = {"vmin": -lim, "vmax": lim}
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, **kw)
-    ax.set_xlabel("input channel")
+    ax.set_xlabel("input channel" + (f" (bins of {k}, each showing its extreme)" if k > 1 else ""))
+    if k > 1:
+        ax.xaxis.set_major_formatter(lambda v, _: f"{int(v * k)}")
     ax.set_ylabel("block")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=label)
