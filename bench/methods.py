@@ -11,9 +11,9 @@ alone). A preset that fails becomes a row with its error. Writes DIR/results.jso
         [--calib-samples 8] [--group-size 64] [--qat-steps N] [--out bench/out/methods]
 
 A preset's group size is kept when it divides every decoder linear's input features; otherwise
-`--group-size` replaces it (SmolLM2's hidden size 576 is not a multiple of 128). `*-qat` presets train,
-so they run only when `--qat-steps` gives their step budget. On a machine shared with other jobs the
-times move from run to run: compare them within one run.
+`--group-size` replaces it (SmolLM2's hidden size 576 is not a multiple of 128). `*-qat` presets
+train (through `lowbit train-qat`), so they run only when `--qat-steps` gives their step budget. On a
+machine shared with other jobs the times move from run to run: compare them within one run.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -77,6 +78,22 @@ def selected(only: str | None, qat_steps: int | None) -> tuple[list[str], list[s
         else:
             run.append(p)
     return run, skipped
+
+
+def train_qat(src: Path, name: str, ckpt: Path, args, row: dict, group_override: bool) -> Path:
+    """A QAT preset through `lowbit train-qat` (PTQ start, then --qat-steps of training), timed as a whole
+    (its model load included)."""
+    cmd = [sys.executable, "-m", "lowbit.cli", "train-qat", str(src), "--recipe", name, "--steps", str(args.qat_steps),
+           "--calib", args.calib, "--calib-samples", str(args.calib_samples), "--out", str(ckpt), "--overwrite",
+           *(["--group-size", str(args.group_size)] if group_override else []),
+           *(["--calib-seqlen", str(args.calib_seqlen)] if args.calib_seqlen else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    row["quant_seconds"] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"lowbit train-qat: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    row.setdefault("notes", []).append(f"lowbit train-qat, {args.qat_steps} steps; time includes loading the model")
+    return ckpt
 
 
 def write_results(out: Path, payload: dict) -> str:
@@ -138,13 +155,16 @@ def main(argv: list[str] | None = None) -> None:
             row.update(recipe=rec.to_dict(), changes=changes)
             if changes:
                 row["method"] = f"{name} ({', '.join(changes)})"
-            needs_data = any(a.requires_calibration for a in rec.build())
-            model = lowbit.load(ref.src)
-            t0 = time.perf_counter()
-            q = lowbit.quantize(model, rec, calib if needs_data else None)
-            row["quant_seconds"] = time.perf_counter() - t0
-            saved = lowbit.save(q, ckpt, tokenizer=ref.fp.lowbit_tokenizer, overwrite=True)
-            del q, model
+            if name.endswith("-qat"):
+                saved = train_qat(ref.src, name, ckpt, args, row, any("group size" in c for c in changes))
+            else:
+                needs_data = any(a.requires_calibration for a in rec.build())
+                model = lowbit.load(ref.src)
+                t0 = time.perf_counter()
+                q = lowbit.quantize(model, rec, calib if needs_data else None)
+                row["quant_seconds"] = time.perf_counter() - t0
+                saved = lowbit.save(q, ckpt, tokenizer=ref.fp.lowbit_tokenizer, overwrite=True)
+                del q, model
             q = lowbit.load(saved)  # measure what a user gets back from disk
             row.update(measure(q, ref, saved, speed, args.new_tokens))
             del q
