@@ -121,8 +121,11 @@ def check_recipe_fits_format(recipe, fmt: str) -> None:
         raise LowbitError(f"--format {fmt} has no sparse outliers or quantized group statistics; recipe {recipe.name} "
                           f"(SpQR) is saved in lowbit's own format only (--format lowbit)")
     if fmt != "lowbit" and recipe.activations is not None:
-        raise LowbitError(f"--format {fmt} holds weight-only layers; recipe {recipe.name} quantizes activations too "
-                          f"(W8A8): use --format lowbit")
+        llm_int8 = any(step.get("method") == "llm_int8" for step in recipe.steps)
+        if fmt != "compressed-tensors" or llm_int8:
+            raise LowbitError(f"--format {fmt} has no form for recipe {recipe.name}'s quantized activations; use "
+                              f"--format lowbit" + ("" if llm_int8 else " or compressed-tensors"))
+        return  # W8A8 goes into compressed-tensors' int-quantized
     if fmt == "awq" and (w.bits != 4 or w.symmetric or w.dtype != "int"):
         raise LowbitError(f"--format awq stores 4-bit asymmetric integer weights; recipe {recipe.name} has {w}")
     if fmt in ("gptq", "compressed-tensors") and w.dtype != "int":

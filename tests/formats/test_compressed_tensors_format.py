@@ -151,7 +151,7 @@ def rewrite_config(path, change, group=None):
 
 
 @pytest.mark.parametrize("change,where,match", [
-    ({"format": "int-quantized"}, None, "format 'int-quantized' is not supported"),
+    ({"format": "int-quantized"}, None, "int-quantized weights other than 8-bit symmetric int are not supported"),
     ({"format": "float-quantized"}, "group", "format 'float-quantized' is not supported"),
     ({"input_activations": {"num_bits": 8}}, "group", "input_activations are quantized"),
     ({"kv_cache_scheme": {"num_bits": 8}}, None, "a quantized KV cache"),

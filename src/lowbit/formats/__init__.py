@@ -1,6 +1,6 @@
 """Save and load checkpoints: lowbit's own format, AutoAWQ's (versions gemm and gemv), GPTQ's
-(checkpoint_format "gptq", v1) and compressed-tensors' "pack-quantized". Every write goes to a
-temporary directory first."""
+(checkpoint_format "gptq", v1) and compressed-tensors' "pack-quantized" (weight-only) and
+"int-quantized" (W8A8). Every write goes to a temporary directory first."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from . import awq, compressed_tensors, gptq, native
+from . import awq, compressed_tensors, ct_int_quantized, gptq, native
 from .atomic import atomic_dir, atomic_file
 
 FORMATS = ("lowbit", "awq", "gptq", "compressed-tensors")
@@ -29,6 +29,8 @@ def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", versi
     if format == "gptq":
         return gptq.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
     if format == "compressed-tensors":
+        if ct_int_quantized.has_w8a8(model):  # W8A8: unpacked int8 ("int-quantized")
+            return ct_int_quantized.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
         return compressed_tensors.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
     # lowbit's format stores WQLinear; a model read from an AWQ checkpoint converts losslessly
     with awq.wqlinear_modules(model):
@@ -47,6 +49,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     method = (cfg.get("quantization_config") or {}).get("quant_method")
     if method == "lowbit":
         return native.load(path, cfg, device=device)
+    if ct_int_quantized.is_int_quantized(cfg):
+        return ct_int_quantized.load(path, cfg, device=device, dtype=dtype)
     awq_cfg = awq.read_quant_config(path, cfg)
     if awq_cfg is not None:
         return awq.load(path, awq_cfg, device=device, dtype=dtype)
