@@ -22,7 +22,7 @@ from torch import nn
 import lowbit
 from lowbit import zoo
 from lowbit.cli import default_bos
-from lowbit.eval import bits_per_weight, evaluate, load_windows, measure_throughput, model_bytes
+from lowbit.eval import ReferenceLogits, bits_per_weight, evaluate, load_windows, measure_throughput, model_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -40,6 +40,9 @@ class Reference:
     windows: torch.Tensor  # [n, seqlen] int64
     bos: bool
     text: str
+    # The float model's logits on `windows`, computed by the first row that needs them, then read back
+    # (a temporary float32 file: 4 GB for SmolLM2, 21 GB for Gemma-3 on 40 x 512).
+    logits: ReferenceLogits | None = None
 
 
 def resolve_source(model: str) -> Path:
@@ -63,7 +66,9 @@ def quality(model: nn.Module, ref: Reference) -> dict:
     if model is ref.fp:
         res = evaluate(model, ref.windows)
         return {"ppl": res["ppl"], "kl": 0.0, "top1_agreement": 1.0}
-    res = evaluate(model, ref.windows, ref_model=ref.fp)
+    if ref.logits is None:
+        ref.logits = ReferenceLogits(ref.fp, ref.windows)
+    res = evaluate(model, ref.windows, ref_model=ref.logits)
     return {"ppl": res["ppl"], "kl": res["kl"], "top1_agreement": res["top1_agreement"]}
 
 

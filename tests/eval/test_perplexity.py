@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import CalibrationError
-from lowbit.eval import evaluate, load_windows
+from lowbit.eval import ReferenceLogits, evaluate, load_windows
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 characters, one token each
 
@@ -108,3 +108,29 @@ def test_evaluate_leaves_training_flags_alone(make_llama, tokenizer):
 def test_evaluate_rejects_bad_windows(model):
     with pytest.raises(CalibrationError):
         evaluate(model, torch.zeros(2, 1, dtype=torch.long), progress=False)
+
+
+def test_cached_reference_gives_the_live_reference_numbers(model, tokenizer, tmp_path):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
+    noisy = copy.deepcopy(model)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
+    ref = ReferenceLogits(model, windows, directory=tmp_path)
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first = evaluate(noisy, windows, ref_model=ref, batch_size=2, progress=False)
+        n_first = len(calls)
+        again = evaluate(noisy, windows, ref_model=ref, batch_size=2, progress=False)
+        other = evaluate(noisy, windows[1:3], ref_model=ref, progress=False)  # not the cached windows
+    finally:
+        hook.remove()
+        ref.close()
+    assert n_first == 2 and len(calls) == 4  # once per batch, then never for the cached windows
+    for r in (first, again):
+        assert (r["ppl"], r["kl"], r["top1_agreement"]) == (live["ppl"], live["kl"], live["top1_agreement"])
+    assert other["kl"] > 0
+    assert not any(tmp_path.iterdir())
