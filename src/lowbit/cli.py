@@ -17,18 +17,23 @@ def _bool_pair(p: argparse.ArgumentParser, name: str, help: str) -> None:
     g.add_argument(f"--no-{name}", dest=name, action="store_false")
 
 
+def _recipe_args(p: argparse.ArgumentParser, default: str, help: str) -> None:
+    """--recipe and the weight settings that override it."""
+    p.add_argument("--recipe", default=default, help=help)
+    p.add_argument("--bits", type=int)
+    p.add_argument("--group-size", type=int, help="-1 for per-channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None)
+    sym.add_argument("--asym", dest="symmetric", action="store_false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize Hugging Face causal LMs to low bits.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model with a recipe and save it")
     q.add_argument("model", help="HF checkpoint directory or zoo name (smollm2-135m, gemma3-270m)")
-    q.add_argument("--recipe", default="w4a16-rtn", help="preset name or a recipe .yaml file")
-    q.add_argument("--bits", type=int)
-    q.add_argument("--group-size", type=int, help="-1 for per-channel")
-    sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None)
-    sym.add_argument("--asym", dest="symmetric", action="store_false")
+    _recipe_args(q, "w4a16-rtn", "preset name or a recipe .yaml file")
     q.add_argument("--calib", help="calibration text file")
     q.add_argument("--calib-samples", type=int)
     q.add_argument("--calib-seqlen", type=int)
@@ -43,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-qat", help="quantization-aware training from a PTQ start, packed and saved like PTQ")
     t.add_argument("model", help="HF checkpoint directory or zoo name (the float model; also the distillation teacher)")
-    t.add_argument("--recipe", default="w4a16-qat", help="a QAT preset (w4a16-qat, w3a16-qat, w2a16-qat) or .yaml")
-    t.add_argument("--bits", type=int)
-    t.add_argument("--group-size", type=int, help="-1 for per-channel")
-    tsym = t.add_mutually_exclusive_group()
-    tsym.add_argument("--sym", dest="symmetric", action="store_true", default=None)
-    tsym.add_argument("--asym", dest="symmetric", action="store_false")
+    _recipe_args(t, "w4a16-qat", "a QAT preset (w4a16-qat, w3a16-qat, w2a16-qat) or .yaml")
     t.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     t.add_argument("--calib", help="training text file (also the PTQ start's calibration)")
     t.add_argument("--calib-samples", type=int, help="PTQ start: calibration windows")
