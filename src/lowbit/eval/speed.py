@@ -35,10 +35,20 @@ def _vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss() -> tuple[float, str]:
+    """(MiB, where it came from). Linux: VmHWM of /proc/self/status, the peak of this process's own
+    memory; ru_maxrss would carry over the parent's resident set at fork into a child process (a
+    `lowbit bench` started by a benchmark holding models would report the benchmark's memory)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "/proc/self/status VmHWM (process peak since exec)"
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    return (peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024), "getrusage ru_maxrss"
 
 
 def _current_rss_mb() -> float | None:
@@ -95,8 +105,8 @@ def measure_throughput(
     Each of `repeats` timed runs is one prefill followed by `new_tokens` greedy single-token forwards;
     the medians are reported. The prompt is random in-vocabulary ids from `seed`.
 
-    `peak_rss_mb` is the process's peak resident set since it started (`getrusage` ru_maxrss), so it
-    includes loading; `rss_mb` (psutil, when installed) is the resident set after the runs.
+    `peak_rss_mb` is the process's peak resident set since it started (VmHWM on Linux), so it includes
+    loading; `rss_mb` (psutil, when installed) is the resident set after the runs.
     """
     if prompt_len < 1 or new_tokens < 1 or batch < 1 or repeats < 1 or warmup < 0:
         raise LowbitError("prompt_len, new_tokens, batch and repeats must be at least 1, warmup at least 0")
@@ -117,6 +127,7 @@ def measure_throughput(
 
     prefill = statistics.median(prefill_s)
     decode = statistics.median(decode_s)
+    peak_mb, peak_source = _peak_rss()
     result = {
         "prefill_tokens_per_s": batch * prompt_len / prefill,
         "decode_tokens_per_s": batch * new_tokens / decode,
@@ -129,8 +140,8 @@ def measure_throughput(
         "device": str(device),
         "threads": torch.get_num_threads(),
         "prefill_last_logits_only": bool(prefill_kwargs),
-        "peak_rss_mb": _peak_rss_mb(),
-        "peak_rss_source": "getrusage ru_maxrss (process peak since start)",
+        "peak_rss_mb": peak_mb,
+        "peak_rss_source": peak_source,
     }
     rss = _current_rss_mb()
     if rss is not None:
