@@ -80,13 +80,18 @@ def test_kl_against_itself_is_zero(model, tokenizer):
     assert result["top1_agreement"] == 1.0
 
 
-def test_kl_against_a_perturbed_copy(model, tokenizer):
-    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=3)
+def _perturbed(model, seed: int):
     noisy = copy.deepcopy(model)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in noisy.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return noisy
+
+
+def test_kl_against_a_perturbed_copy(model, tokenizer):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=3)
+    noisy = _perturbed(model, seed=1)
     result = evaluate(noisy, windows, ref_model=model, progress=False)
 
     with torch.no_grad():
@@ -112,11 +117,7 @@ def test_evaluate_rejects_bad_windows(model):
 
 def test_cached_reference_gives_the_live_reference_numbers(model, tokenizer, tmp_path):
     windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
-    noisy = copy.deepcopy(model)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in noisy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    noisy = _perturbed(model, seed=2)
     live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
     ref = ReferenceLogits(model, windows, directory=tmp_path)
     calls = []
