@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, CheckpointError, LowbitError, SpecError
-from ..models import block_linears, get_adapter, get_blocks, is_linear, set_module
+from ..models import block_linears, get_adapter, get_blocks, is_linear, set_module, untied_state_dict
 from ..nn import FakeQuantLinear, WQLinear
 from ..quant import QuantSpec
 from .base import Algorithm
@@ -343,7 +343,7 @@ class QATTrainer:
         """The whole training state, written atomically (a crash leaves the previous one in place)."""
         from ..formats.atomic import atomic_dir  # only lowbit.errors below it: no layering cycle
 
-        model_state = _unique_tensors(self.model.state_dict())
+        model_state = untied_state_dict(self.model)
         opt = self.optimizer.state_dict()
         opt_tensors = {}
         for pid, st in opt["state"].items():
@@ -390,19 +390,6 @@ class QATTrainer:
         self.base_lrs = list(meta["base_lrs"])
         torch.set_rng_state(data["torch_rng"])
         return self
-
-
-def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage: the first name of each tied tensor (the embedding, not
-    the head tied to it)."""
-    seen, out = set(), {}
-    for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if v.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[k] = v
-    return out
 
 
 def _read_state(state_dir: Path):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, SpecError
-from ..models import find_module, is_linear, linear_shape, set_module
+from ..models import find_module, is_linear, linear_shape, set_module, untied_state_dict
 from ..nn import AWQ_LAYOUTS, QUANTIZED_MODULES, AWQLinear, WQLinear
 from ..nn.awq_linear import check_awq_compatible
 from . import native
@@ -162,7 +162,7 @@ def save(model: nn.Module, out_dir: str | Path, *, version: str = "gemm", tokeni
     qcfg = AWQConfig(version=version, group_size=_config_group_size(mods),
                      modules_to_not_convert=tuple(_float_linears(model, mods)) or None)
     state = {}
-    for k, v in native._dedupe_tied(model.state_dict()).items():
+    for k, v in untied_state_dict(model).items():
         owner = k.rpartition(".")[0]
         if owner in mods:
             continue  # written below, in the AWQ layout

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, SpecError
-from ..models import find_module, is_linear, linear_shape, set_module
+from ..models import find_module, is_linear, linear_shape, set_module, untied_state_dict
 from ..nn import QUANTIZED_MODULES, AWQLinear, WQLinear
 from ..quant import PerGroup, QuantSpec, pack_words, packed_nwords, unpack_words
 from . import native
@@ -331,7 +331,7 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
     qcfg = _config(model, layers)
     dtype = float_dtype(model)
     state = {}
-    for k, v in native._dedupe_tied(model.state_dict()).items():
+    for k, v in untied_state_dict(model).items():
         if k.rpartition(".")[0] in layers:
             continue  # written below, packed
         state[k] = native.to_save_dtype(k, v, dtype, "compressed-tensors")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, SpecError
-from ..models import find_module, is_linear, set_module
+from ..models import find_module, is_linear, set_module, untied_state_dict
 from ..nn import QUANTIZED_MODULES, MixedInt8Linear, W8A8Linear
 from . import native
 from .compressed_tensors import QUANT_METHOD, float_dtype
@@ -88,7 +88,7 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
     layers = _layers(model)
     dtype = float_dtype(model)
     state = {}
-    for k, v in native._dedupe_tied(model.state_dict()).items():
+    for k, v in untied_state_dict(model).items():
         owner, _, leaf = k.rpartition(".")
         if owner in layers and leaf in ("weight_scale", "input_scale"):
             v = v.to(dtype)

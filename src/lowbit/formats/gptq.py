@@ -45,7 +45,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import CheckpointError, SpecError
-from ..models import find_module, is_linear, linear_shape, set_module
+from ..models import find_module, is_linear, linear_shape, set_module, untied_state_dict
 from ..nn import QUANTIZED_MODULES, AWQLinear, WQLinear
 from ..quant import PerGroup, QuantSpec, pack_words, packed_nwords, unpack_words
 from . import native
@@ -334,7 +334,7 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
                       lm_head=any(model.get_submodule(n) is head for n in layers) if head is not None else False,
                       dynamic={f"-:^{re.escape(n)}$": {} for n in floats}, meta=_meta(model))
     state = {}
-    for k, v in native._dedupe_tied(model.state_dict()).items():
+    for k, v in untied_state_dict(model).items():
         if k.rpartition(".")[0] in layers:
             continue  # written below, in GPTQ's layout
         state[k] = native.to_save_dtype(k, v, SAVE_DTYPE, "GPTQ")

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, InvalidWeightsError
-from ..models import get_module, set_module
+from ..models import get_module, set_module, untied_state_dict
 from ..nn import QUANTIZED_MODULES, MixedInt8Linear, SpQRLinear, W8A8Linear, WQLinear
 from .atomic import atomic_dir
 
@@ -77,26 +77,13 @@ def module_from_config(c: dict, name: str) -> nn.Module:
                     act_order=bool(c.get("act_order", False)), name=name)
 
 
-def _dedupe_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage: keep the first name of each tied tensor."""
-    seen: dict[tuple, str] = {}
-    out = {}
-    for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if v.numel() and key in seen:
-            continue
-        seen[key] = k
-        out[k] = v.detach().contiguous()
-    return out
-
-
 def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
          recipe: dict | None = None) -> Path:
     qmods = quantized_modules(model)
     qcfg = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
             "recipe": recipe or getattr(model, "lowbit_recipe", None),
             "modules": {n: module_config(m) for n, m in qmods.items()}}
-    state = _dedupe_tied(model.state_dict())
+    state = untied_state_dict(model)
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
     return write_checkpoint(out_dir, model, state, cfg, tokenizer=tokenizer, overwrite=overwrite,

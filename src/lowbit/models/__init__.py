@@ -20,11 +20,12 @@ from .modules import (
     norm_offset,
     set_linear_weight,
     set_module,
+    untied_state_dict,
 )
 
 __all__ = [
     "ADAPTERS", "CONDITIONS", "SUPPORTED_MODEL_TYPES", "ModelAdapter", "ResolvedPair", "ScalePair",
     "block_linears", "find_module", "fold_scales", "get_adapter", "get_blocks", "get_module",
     "is_linear", "linear_shape", "linear_weight", "missing_paths", "move_embeddings", "move_head",
-    "norm_offset", "resolve_scaling_pairs", "set_linear_weight", "set_module",
+    "norm_offset", "resolve_scaling_pairs", "set_linear_weight", "set_module", "untied_state_dict",
 ]

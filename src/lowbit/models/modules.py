@@ -11,6 +11,20 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import InvalidWeightsError, LowbitError
 
 
+def untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with the first name of each tied one only (the embedding, not the head tied
+    to it): safetensors refuses shared storage."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().contiguous()
+    return out
+
+
 def find_module(root: nn.Module, path: str) -> nn.Module | None:
     """The module at `path`, or None when an attribute on the way is missing or None."""
     obj = root
