@@ -53,6 +53,7 @@ IN_VENV = {
     "quanto-w4": ("optimum-quanto 0.2.7 qint4 weights", "quanto"),
     "quanto-w8a8": ("optimum-quanto 0.2.7 qint8 weights + static qint8 act", "quanto"),
     "hqq-w4": ("hqq 0.2.8 W4 g{g} (fp32 meta)", "hqq"),
+    "llmc-w8a8": ("llm-compressor 0.14.0.1 SmoothQuant 0.5 + GPTQ W8A8", "llmcompressor"),
 }
 # name -> (runner, extra args); dense weights scored here. The Peer tuples must match the other
 # benchmarks' and setup.sh's spelling of these venvs.

@@ -1,5 +1,6 @@
 """Peer side of bench/peers.py for the peers whose quantized model only runs inside their own package
-(bitsandbytes, torchao, optimum-quanto, hqq): quantize in memory, then score the model right there with
+(bitsandbytes, torchao, optimum-quanto, hqq; llm-compressor's W8A8, whose activation quantization
+lives in its modules' forward): quantize in memory, then score the model right there with
 lowbit's own evaluation code (lowbit's src/ is put on the path; the venv has lowbit's dependencies and the
 main venv's transformers), on the very windows the main script cut.
 
@@ -29,7 +30,7 @@ from peer_side import load_calibration, logger, peer_args  # noqa: E402
 
 log = logger("in_venv")
 
-METHODS = ("bnb-nf4", "bnb-int8", "torchao-int4", "torchao-w8a8", "quanto-w4", "quanto-w8a8", "hqq-w4")
+METHODS = ("bnb-nf4", "bnb-int8", "torchao-int4", "torchao-w8a8", "quanto-w4", "quanto-w8a8", "hqq-w4", "llmc-w8a8")
 
 
 def load_float(model_dir: str, **kw):
@@ -149,11 +150,42 @@ def hqq(args):
                          "compute_dtype": "float32", "hqq_linears": n}, ["dequantizes each weight on every call (CPU)"]
 
 
+def llmc_w8a8(args):
+    """llm-compressor's SmoothQuant (its default strength 0.5 and Llama mappings) then GPTQ with the
+    scheme it ships as "W8A8": int8 weights per output channel, int8 activations per token, dynamic.
+    The model it leaves keeps float weights and fake-quantizes weights and inputs in every Linear's
+    forward (compressed-tensors), which is what gets scored: its W8A8 numerics, not its speed."""
+    from peer_side import llmc_oneshot, llmc_versions
+
+    ids = load_calibration(args.samples, log, args.samples_sha256)
+    notes = []
+
+    def recipe() -> list:
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        return [SmoothQuantModifier(smoothing_strength=0.5),
+                GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+
+    model, secs, _ = llmc_oneshot(args.model, ids, recipe, "SmoothQuant 0.5 + GPTQ W8A8", log, notes)
+    model.eval()
+    # what runs in forward: count the Linears whose inputs are fake-quantized per token on the fly
+    acts = [m.quantization_scheme.input_activations for m in model.modules()
+            if getattr(m, "quantization_scheme", None) is not None and getattr(m, "quantization_status", None)]
+    dyn = sum(1 for a in acts if a is not None and a.dynamic and str(a.strategy).endswith("token"))
+    notes.append(f"{dyn} Linears quantize their input per token at run time (compressed-tensors fake quantization); "
+                 f"weights float on the int8 grid, so no bits/weight or speed")
+    if dyn == 0:
+        raise RuntimeError("llm-compressor left no Linear with dynamic per-token input quantization")
+    return model, secs, {"recipe": "SmoothQuantModifier(smoothing_strength=0.5) + GPTQModifier(scheme='W8A8')",
+                         "calibration": list(ids.shape), **llmc_versions()}, notes
+
+
 def quantize(args):
     return {"bnb-nf4": lambda: bnb(args, True), "bnb-int8": lambda: bnb(args, False),
             "torchao-int4": lambda: torchao(args, True), "torchao-w8a8": lambda: torchao(args, False),
             "quanto-w4": lambda: quanto(args, False), "quanto-w8a8": lambda: quanto(args, True),
-            "hqq-w4": lambda: hqq(args)}[args.method]()
+            "hqq-w4": lambda: hqq(args), "llmc-w8a8": lambda: llmc_w8a8(args)}[args.method]()
 
 
 # ---------------------------------------------------------------------------------------------- size
@@ -204,8 +236,8 @@ def main() -> None:
     model, secs, config, notes = quantize(args)
     log(f"{args.method}: quantized in {secs:.1f} s; scoring on {windows.shape[0]} x {windows.shape[1]} tokens")
     result = {"method": args.method, "quant_seconds": secs, "config": config, "notes": notes,
-              "bits_per_weight": linear_bits(model.model if isinstance(model, OutsideInferenceMode) else model,
-                                             float_weights)}
+              "bits_per_weight": None if args.method == "llmc-w8a8" else
+              linear_bits(model.model if isinstance(model, OutsideInferenceMode) else model, float_weights)}
     r = evaluate(model, windows, ref_model=ref)
     result.update(ppl=r["ppl"], kl=r["kl"], top1_agreement=r["top1_agreement"])
     log(f"{args.method}: ppl {r['ppl']:.3f}, KL {r['kl']:.4f}")
