@@ -186,3 +186,42 @@ def test_cli_train_qat_trains_saves_and_resumes(tmp_path, tiny_dir, capsys):
     assert main(["train-qat", str(tiny_dir), "--recipe", "w4a16-rtn", "--out", str(tmp_path / "bad")]) == 2
     assert "ends with exactly one `method: qat` step" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_frozen_weights_train_the_scales_only_and_leave_latent_weights_bit_identical(monkeypatch):
+    """E2E-QP: the codes stay where PTQ (or Block-AP) put them, the step sizes learn."""
+    monkeypatch.setenv("LOWBIT_WINT_BACKEND", "ref")
+    model = _ptq_model()
+    teacher = tiny_model("llama")
+    qat.prepare(model)
+    w0 = {n: m.weight.detach().clone() for n, m in qat.fake_quant_modules(model).items()}
+    s0 = {n: m.weight_quant.scale.detach().clone() for n, m in qat.fake_quant_modules(model).items()}
+    tr = qat.QATTrainer(model, _samples(4), _config(steps=30, ce=0.0, scale_lr=3e-3, train_weights=False),
+                        teacher=teacher, progress=False)
+    assert [g["name"] for g in tr.optimizer.param_groups] == ["scales"]
+    hist = tr.train()
+    assert sum(r["loss"] for r in hist[-5:]) < 0.9 * sum(r["loss"] for r in hist[:5])
+    mods = qat.fake_quant_modules(model)
+    assert all(torch.equal(mods[n].weight, w) for n, w in w0.items())
+    assert all(not torch.equal(mods[n].weight_quant.scale, s) for n, s in s0.items())
+    ids = _samples(2, seed=9)
+    ref = _logits(model, ids)
+    assert torch.allclose(_logits(qat.convert(model), ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_with_frozen_weights_is_exact(tmp_path):
+    cfg = _config(steps=6, checkpoint_every=3, train_weights=False)
+    teacher = tiny_model("llama")
+    full = _ptq_model()
+    qat.prepare(full)
+    whole = qat.QATTrainer(full, _samples(), cfg, teacher=teacher, progress=False).train()
+    stopped = _ptq_model()
+    qat.prepare(stopped)
+    qat.QATTrainer(stopped, _samples(), cfg, teacher=teacher, state_dir=tmp_path / "s", progress=False).train(until=3)
+    fresh = tiny_model("llama")
+    curve = qat.QATTrainer.resume(fresh, tmp_path / "s", teacher=teacher, progress=False).train()
+    assert [a["loss"] for a in whole] == pytest.approx([b["loss"] for b in curve], rel=1e-6, abs=0)
+    for n, m in qat.fake_quant_modules(full).items():
+        other = fresh.get_submodule(n)
+        assert torch.equal(other.codes, m.codes) and torch.equal(other.weight, m.weight), n
+        assert torch.allclose(other.weight_quant.scale, m.weight_quant.scale, rtol=1e-6, atol=0), n

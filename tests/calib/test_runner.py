@@ -71,3 +71,29 @@ def test_next_block_sees_the_quantized_outputs(tiny_llama):
         BlockRunner(model, get_adapter(model), ids, progress=False).run([ZeroFirstBlockMLP()])
         expected = model(ids, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(got[1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_float_outputs_come_from_the_float_stream_while_quantized_outputs_propagate(tiny_llama):
+    """An algorithm with needs_float_outputs sees, for every block, what the float model computes there
+    (not the changed block's outputs, nor the float block on changed inputs), and the next block is
+    still fed the changed outputs."""
+    model = tiny_llama
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True).hidden_states
+    targets, inputs = {}, {}
+
+    class Damage(Algorithm):
+        needs_float_outputs = True
+
+        def quantize_block(self, ctx):
+            targets[ctx.index] = torch.cat(ctx.float_outputs)
+            inputs[ctx.index] = torch.cat([h for h, _ in ctx.inputs()])
+            ctx.block.mlp.down_proj.weight.mul_(0.5)
+
+    with torch.no_grad():
+        BlockRunner(model, get_adapter(model), ids, batch_size=2, progress=False).run([Damage()])
+    torch.testing.assert_close(targets[0], ref[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(inputs[1], ref[1], rtol=1e-3, atol=1e-3)  # block 1 got the damaged outputs
+    for i in range(1, len(targets) - 1):
+        torch.testing.assert_close(targets[i], ref[i + 1], rtol=1e-4, atol=1e-4)

@@ -187,3 +187,54 @@ def test_bad_specs_are_refused():
     with pytest.raises(SpecError, match="per-token scales need dynamic"):
         FakeQuantLinear.from_float(lin, QuantSpec(bits=4, granularity=PerGroup(32)),
                                    input_spec=QuantSpec(bits=8, granularity=PerToken()))
+
+
+# ---- learned zero points and frozen codes (EfficientQAT) ------------------------------------------
+
+def test_learned_zero_point_rounds_straight_through_and_gets_minus_scale_where_clipped():
+    """out = (clamp(round(x / s) + z) - z) * s: z cancels inside the grid, so only clipped values
+    (where out = (qmin|qmax - z) * s) pass a gradient, -s each. A fractional z behaves as round(z)."""
+    spec = QuantSpec(bits=3, symmetric=False, granularity=PerGroup(16))
+    x = torch.randn(4, 32, generator=_gen(6))
+    qp = choose_qparams(x, spec, clip_ratio=0.6)
+    s0 = qp.scale.half().float()
+    fq = FakeQuantize(spec, s0, qp.zero_point, learnable_zero=True)
+    assert isinstance(fq.zero_point, nn.Parameter) and fq.zero_point.requires_grad
+    with torch.no_grad():
+        fq.zero_point.add_(0.3)  # rounds back to the same integers
+    out = fq(x)
+    assert torch.equal(out, FakeQuantize(spec, s0, qp.zero_point)(x))
+    g = torch.randn(out.shape, generator=_gen(7))
+    out.backward(g)
+    s = s0.repeat_interleave(16, 1)
+    r = (x / s + qp.zero_point.repeat_interleave(16, 1)).round()
+    clipped = (r < 0) | (r > 7)
+    assert bool(clipped.any())
+    expected = (g * torch.where(clipped, -s, torch.zeros_like(s))).reshape(4, 2, 16).sum(-1)
+    assert torch.allclose(fq.zero_point.grad, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        fq.zero_point.fill_(9.4)  # outside the code range: clamped to qmax
+    assert torch.equal(fq.qparams(16).zero_point, torch.full_like(qp.zero_point, 7.0))
+
+
+def test_frozen_codes_keep_the_forward_and_train_only_the_scale():
+    lin = _linear(in_f=64, out_f=24)
+    spec = QuantSpec(bits=3, symmetric=False, granularity=PerGroup(16))
+    m = FakeQuantLinear.from_float(lin, spec)
+    with torch.no_grad():
+        m.weight.add_(torch.randn(m.weight.shape, generator=_gen(8)) * 0.01)  # off the grid
+    x = torch.randn(5, 64, generator=_gen(9))
+    before = m(x).detach()
+    w0 = m.weight.detach().clone()
+    m.freeze_codes()
+    assert m.codes.dtype == torch.uint8 and not m.weight.requires_grad and "codes" in m.state_dict()
+    assert torch.equal(m(x), before)
+    m(x).pow(2).sum().backward()
+    assert m.weight.grad is None and m.weight_quant.scale.grad is not None
+    # the gradient of (codes - zero) * scale: the codes themselves, not LSQ's round(v) - v (0 on the grid)
+    assert bool((m.weight_quant.scale.grad != 0).all())
+    with torch.no_grad():
+        m.weight_quant.scale.mul_(1.5)  # far enough to change codes were they re-rounded
+    assert torch.equal(m.weight, w0)
+    w = m.quantized_weight()
+    assert torch.allclose(m.to_wqlinear().dequantize_weight(), w, rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from .base import Algorithm
 from .awq import AWQ
+from .block_ap import BlockAP
 from .gptq import GPTQ
 from .llm_int8 import LLMInt8
 from .qat import QAT
@@ -11,6 +12,7 @@ from .spqr import SpQR
 from .w8a8 import W8A8
 
 # The names recipes use in their `steps`.
-ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN, "awq": AWQ, "gptq": GPTQ, "spqr": SpQR, "smoothquant": SmoothQuant, "w8a8": W8A8, "llm_int8": LLMInt8, "qat": QAT}
+ALGORITHMS: dict[str, type[Algorithm]] = {"rtn": RTN, "awq": AWQ, "gptq": GPTQ, "spqr": SpQR, "smoothquant": SmoothQuant, "w8a8": W8A8, "llm_int8": LLMInt8, "qat": QAT,
+                                        "block_ap": BlockAP}
 
-__all__ = ["Algorithm", "AWQ", "GPTQ", "QAT", "RTN", "SpQR", "SmoothQuant", "W8A8", "LLMInt8", "ALGORITHMS"]
+__all__ = ["Algorithm", "AWQ", "BlockAP", "GPTQ", "QAT", "RTN", "SpQR", "SmoothQuant", "W8A8", "LLMInt8", "ALGORITHMS"]

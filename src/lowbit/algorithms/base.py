@@ -18,6 +18,9 @@ class Algorithm:
     requires_calibration: bool = True
     # Which outputs feed the next block: "quantized" (GPTQ) or "float" (AutoAWQ).
     propagate: str = "quantized"
+    # Whether quantize_block reads ctx.float_outputs (the untouched block on the float model's hidden
+    # states, computed by the runner before any step changes the block).
+    needs_float_outputs: bool = False
 
     def prepare(self, model: nn.Module, adapter) -> None:
         pass

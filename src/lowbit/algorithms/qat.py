@@ -66,6 +66,9 @@ class QATConfig:
     batch_size: int = 1
     lr: float = 1e-5  # latent weights
     scale_lr: float = 1e-4  # step sizes (LSQ)
+    # False: the codes are fixed where they are and only the step sizes train (EfficientQAT's E2E-QP);
+    # the latent weights stay bit-identical (FakeQuantLinear.freeze_codes)
+    train_weights: bool = True
     weight_decay: float = 0.0
     warmup: int = 10
     min_lr_ratio: float = 0.1  # cosine decay ends at this fraction of the learning rates
@@ -201,6 +204,7 @@ def _layout(modules: dict[str, FakeQuantLinear]) -> dict:
         out[name] = {"in_features": m.in_features, "out_features": m.out_features, "spec": m.spec.to_dict(),
                      "bias": m.bias is not None, "act_order": m.perm is not None,
                      "learnable_scales": m.weight_quant.learnable, "lsq_grad_scale": m.weight_quant.lsq_grad_scale,
+                     "frozen_codes": m.codes is not None,
                      "input_spec": None if m.input_quant is None else m.input_quant.spec.to_dict()}
     return out
 
@@ -221,6 +225,8 @@ def _rebuild(model: nn.Module, layout: dict) -> dict[str, FakeQuantLinear]:
             raise CheckpointError(f"training state names layer {name}, which this model does not have") from e
         m.weight.requires_grad_(True)
         m.weight_quant.scale.requires_grad_(m.weight_quant.learnable)
+        if c.get("frozen_codes"):
+            m.freeze_codes()  # a codes buffer for the state to fill
         mods[name] = m
     return mods
 
@@ -248,11 +254,17 @@ class QATTrainer:
             raise LowbitError("the model has no fake-quant layers: call lowbit.algorithms.qat.prepare first")
         self.step = 0
         self.history: list[dict] = []
-        weights = [m.weight for m in self.modules.values()]
+        groups = []
+        if self.config.train_weights:
+            groups.append({"params": [m.weight for m in self.modules.values()], "lr": self.config.lr, "name": "weights"})
+        else:
+            for m in self.modules.values():
+                m.freeze_codes()
         scales = [m.weight_quant.scale for m in self.modules.values() if m.weight_quant.learnable]
-        groups = [{"params": weights, "lr": self.config.lr, "name": "weights"}]
         if scales:
             groups.append({"params": scales, "lr": self.config.scale_lr, "name": "scales"})
+        if not groups:
+            raise LowbitError("qat: nothing to train (train_weights is off and the scales are not learnable)")
         self.base_lrs = [g["lr"] for g in groups]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
         if self.config.grad_checkpointing:

@@ -11,6 +11,12 @@ of the ones before it). The runner
    turn, then re-runs the (now quantized) block to produce the next block's inputs;
 3. keeps only the current block on the compute device.
 
+Float targets: an algorithm that fits a block to what the float model computes there (Block-AP) sets
+`needs_float_outputs`; the runner then hands it `ctx.float_outputs`, the untouched block's outputs on
+the float model's own hidden states, computed before any step of the block changes it. Where the next
+block is fed quantized outputs, that takes a second stream of hidden states (`Chunk.float_hidden`),
+advanced by those same float outputs, so it costs one float forward per block and nothing else.
+
 Algorithms that need no data (RTN) run through the same loop with no inputs.
 """
 
@@ -76,6 +82,9 @@ class Chunk:
 
     hidden: torch.Tensor  # [b, L, hidden]
     kwargs: list[dict]  # per block: what that block is called with
+    # [b, L, hidden]: what the float model feeds the current block, kept only when an algorithm needs
+    # float targets while quantized outputs are propagated (else `hidden` is that stream, or unused)
+    float_hidden: torch.Tensor | None = None
 
 
 def _to(obj, device):
@@ -108,7 +117,8 @@ class BlockContext:
     adapter: object
     device: torch.device
     chunks: list[Chunk] = field(default_factory=list)
-    float_outputs: list[torch.Tensor] | None = None  # set when an algorithm asked for them
+    # per chunk [b, L, hidden]: the untouched block on the float model's hidden states, when asked for
+    float_outputs: list[torch.Tensor] | None = None
     state: dict = field(default_factory=dict)  # algorithms may leave notes for the ones after them
     # bf16: the block's calibration forwards run under autocast (AMX), 3-4x faster than fp32 here
     forward_dtype: torch.dtype | None = None
@@ -133,12 +143,19 @@ class BlockContext:
         for c in self.chunks:
             yield c.hidden.to(self.device), self.kwargs(c)
 
+    def float_inputs(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        """The float model's hidden states entering this block (the inputs when none are kept apart)."""
+        for c in self.chunks:
+            h = c.hidden if c.float_hidden is None else c.float_hidden
+            yield h.to(self.device), self.kwargs(c)
+
     @torch.no_grad()
-    def forward(self, module: nn.Module | None = None) -> list[torch.Tensor]:
-        """Runs the block (or another module taking the block's inputs) over all calibration chunks."""
+    def forward(self, module: nn.Module | None = None, *, float_inputs: bool = False) -> list[torch.Tensor]:
+        """Runs the block (or another module taking the block's inputs) over all calibration chunks, on
+        the propagated inputs or, with `float_inputs`, on the float model's hidden states."""
         module = self.block if module is None else module
         with self.autocast():
-            return [call_block(module, h, kw) for h, kw in self.inputs()]
+            return [call_block(module, h, kw) for h, kw in (self.float_inputs() if float_inputs else self.inputs())]
 
     @contextmanager
     def hook_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None]):
@@ -235,25 +252,37 @@ class BlockRunner:
         if calibrated:
             self.capture()
         prefix = self.adapter.blocks
+        # The last step (the one that rounds) says what feeds the next block: AWQ alone passes float
+        # outputs on as AutoAWQ does; AWQ's scales then GPTQ's rounding pass quantized ones.
+        want_float = calibrated and getattr(algorithms[-1], "propagate", "quantized") == "float"
+        targets = want_float or any(getattr(a, "needs_float_outputs", False) for a in algorithms)
+        separate = calibrated and targets and not want_float  # a float stream beside the quantized one
+        if separate:
+            for c in self.chunks:
+                c.float_hidden = c.hidden
         bar = tqdm(range(len(self.blocks)), desc="quantizing blocks", disable=not self.progress, unit="block")
         for i in bar:
             block = self.blocks[i].to(self.device)
             ctx = BlockContext(i, f"{prefix}.{i}", block, self.adapter, self.device, self.chunks,
                                forward_dtype=getattr(algorithms[-1], "forward_dtype", None))
-            # The last step (the one that rounds) says what feeds the next block: AWQ alone passes
-            # float outputs on as AutoAWQ does; AWQ's scales then GPTQ's rounding pass quantized ones.
-            want_float = calibrated and getattr(algorithms[-1], "propagate", "quantized") == "float"
-            # A first algorithm that runs the untouched block anyway records its outputs for us.
-            if want_float and not getattr(algorithms[0], "records_float_outputs", False):
-                ctx.float_outputs = ctx.forward()
+            if calibrated and targets:
+                # before any step touches the block; from the float stream where one is kept apart
+                if separate:
+                    ctx.float_outputs = ctx.forward(float_inputs=True)
+                elif not getattr(algorithms[0], "records_float_outputs", False):
+                    # (a first algorithm that runs the untouched block anyway records them for us)
+                    ctx.float_outputs = ctx.forward()
             for alg in algorithms:
                 alg.quantize_block(ctx)
             if calibrated and i < len(self.blocks) - 1:
-                if want_float and ctx.float_outputs is None:
+                if targets and ctx.float_outputs is None:
                     raise RuntimeError(f"{algorithms[0].name} promised the float outputs of block {i} and left none")
                 outs = ctx.float_outputs if want_float else ctx.forward()
                 for c, o in zip(self.chunks, outs):
                     c.hidden = o.to(self.offload)
+                if separate:
+                    for c, o in zip(self.chunks, ctx.float_outputs):
+                        c.float_hidden = o.to(self.offload)
             self.blocks[i] = block.to(self.offload)
         self.chunks = []
 

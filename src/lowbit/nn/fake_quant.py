@@ -4,7 +4,9 @@
 through straight (`lowbit.quant.fake_quantize`): weights `[out, in]` per group or per channel,
 activations `[..., tokens, features]` per tensor or per token, symmetric or asymmetric, 2..8 bits.
 Its step sizes are buffers, or parameters learned with LSQ (Esser et al., 2020) when `learnable`;
-zero points stay integers (they are stored as codes) and are not learned.
+zero points are integer buffers, or, with `learnable_zero`, float parameters rounded (and clamped to
+the code range) straight-through in every forward, so what is learned always packs as an integer
+(EfficientQAT's Block-AP trains them this way).
 
 `FakeQuantLinear` is the trainable stand-in for a packed `WQLinear`: a float latent weight that the
 optimizer updates, and the grid it is rounded onto. It starts either from a float linear (`from_float`:
@@ -13,6 +15,11 @@ packed module's scales, zero points and act-order permutation as the grid, its d
 the latent weight, so training starts exactly where RTN, AWQ or GPTQ ended). `to_wqlinear` packs it
 back into the `WQLinear` PTQ produces, computing what the fake-quant forward computed: the forward
 already rounds scales to the fp16 that `WQLinear` stores.
+
+`freeze_codes()` fixes the integer codes the latent weight rounds to now, after which the forward is
+(codes - zero) * scale and only the scale trains (EfficientQAT's E2E-QP). Training scales by LSQ
+through the rounding does not work there: a latent weight that sits on its grid (any PTQ start)
+gives round(v) - v = 0, no gradient at all; with fixed codes the gradient is the code itself.
 """
 
 from __future__ import annotations
@@ -48,16 +55,17 @@ class FakeQuantize(nn.Module):
     """
 
     def __init__(self, spec: QuantSpec, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
-                 *, learnable: bool = False, lsq_grad_scale: bool = True):
+                 *, learnable: bool = False, lsq_grad_scale: bool = True, learnable_zero: bool = False):
         super().__init__()
         if spec.is_codebook:
             raise SpecError(f"fake quantization trains integer grids only, got {spec}")
         self.spec = spec
         self.learnable = bool(learnable)
         self.lsq_grad_scale = bool(lsq_grad_scale)
+        self.learnable_zero = bool(learnable_zero) and not spec.symmetric
         if spec.dynamic:
-            if learnable:
-                raise SpecError("a dynamic spec computes its scales per input: nothing to learn (learnable=False)")
+            if learnable or learnable_zero:
+                raise SpecError("a dynamic spec computes its qparams per input: nothing to learn")
             self.scale = self.zero_point = None
             return
         scale = torch.ones(()) if scale is None else scale.detach().float().clone()
@@ -68,7 +76,10 @@ class FakeQuantize(nn.Module):
             zero = torch.zeros_like(scale) if zero_point is None else zero_point.detach().float().round()
             if zero.shape != scale.shape:
                 raise SpecError(f"zero_point of shape {tuple(zero.shape)} does not match the scale's {tuple(scale.shape)}")
-            self.register_buffer("zero_point", zero.clone())
+            if self.learnable_zero:
+                self.zero_point = nn.Parameter(zero.clone())
+            else:
+                self.register_buffer("zero_point", zero.clone())
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -78,14 +89,18 @@ class FakeQuantize(nn.Module):
         qp = choose_qparams(x.detach(), self.spec)
         self.scale.data = fp16_scale(qp.scale)
         if self.zero_point is not None:
-            self.zero_point = qp.zero_point.clone()
+            self.zero_point.data = qp.zero_point.clone()
 
     def qparams(self, numel_per_scale: int) -> QParams:
-        """The qparams the forward uses: the stored scale rounded to fp16 (straight through)."""
+        """The qparams the forward uses: the stored scale rounded to fp16 and the zero point rounded
+        into the code range, both straight through."""
         scale = self.scale
         if self.learnable and self.lsq_grad_scale:
             scale = grad_scale(scale, lsq_grad_factor(self.spec, numel_per_scale))
-        return QParams(scale=_stored_scale(scale), zero_point=self.zero_point)
+        zero = self.zero_point
+        if zero is not None:
+            zero = straight_through(zero, zero.detach().round().clamp(self.spec.qmin, self.spec.qmax))
+        return QParams(scale=_stored_scale(scale), zero_point=zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:
@@ -93,7 +108,8 @@ class FakeQuantize(nn.Module):
         return fake_quantize(x, self.spec, self.qparams(_numel_per_scale(x, self.spec)))
 
     def extra_repr(self) -> str:
-        return f"{self.spec}" + (", learnable (LSQ)" if self.learnable else "")
+        return (f"{self.spec}" + (", learnable (LSQ)" if self.learnable else "")
+                + (", learnable zero point" if self.learnable_zero else ""))
 
 
 def _numel_per_scale(x: torch.Tensor, spec: QuantSpec) -> int:
@@ -133,12 +149,13 @@ class FakeQuantLinear(nn.Module):
     perm    int64 `[in]` act-order permutation (GPTQ's desc_act), or None: groups are formed over the
             columns `weight[:, perm]`, as `WQLinear` stores them;
     weight_quant  the grid: scale `[out, in / G]`, zero point `[out, in / G]` (asymmetric);
-    input_quant   an activation `FakeQuantize`, or None (weight-only).
+    input_quant   an activation `FakeQuantize`, or None (weight-only);
+    codes   uint8 / int8 `[out, in]` in stored column order once `freeze_codes()` ran, else None.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, *, bias: bool = False,
                  act_order: bool = False, learnable_scales: bool = True, lsq_grad_scale: bool = True,
-                 input_spec: QuantSpec | None = None, name: str = ""):
+                 learnable_zeros: bool = False, input_spec: QuantSpec | None = None, name: str = ""):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.spec = _weight_spec(spec, in_features, name)
@@ -149,39 +166,42 @@ class FakeQuantLinear(nn.Module):
         ng = in_features // self.group_size
         self.weight_quant = FakeQuantize(self.spec, torch.ones(out_features, ng),
                                          None if self.spec.symmetric else torch.zeros(out_features, ng),
-                                         learnable=learnable_scales, lsq_grad_scale=lsq_grad_scale)
+                                         learnable=learnable_scales, lsq_grad_scale=lsq_grad_scale,
+                                         learnable_zero=learnable_zeros)
         if act_order:
             self.register_buffer("perm", torch.arange(in_features))
         else:
             self.perm = None
         input_spec = _activation_spec(input_spec)
         self.input_quant = None if input_spec is None else FakeQuantize(input_spec)
+        self.register_buffer("codes", None)  # a tensor (in the state dict) once frozen
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: QuantSpec, *, learnable_scales: bool = True,
-                   lsq_grad_scale: bool = True, input_spec: QuantSpec | None = None,
+                   lsq_grad_scale: bool = True, learnable_zeros: bool = False, input_spec: QuantSpec | None = None,
                    name: str = "") -> "FakeQuantLinear":
         """Round-to-nearest grid (min-max per group, as `WQLinear.from_weight`), the float weight as
         the latent weight."""
         w = linear.weight.detach().float()
         m = cls(w.shape[1], w.shape[0], spec, bias=linear.bias is not None, learnable_scales=learnable_scales,
-                lsq_grad_scale=lsq_grad_scale, input_spec=input_spec, name=name)
+                lsq_grad_scale=lsq_grad_scale, learnable_zeros=learnable_zeros, input_spec=input_spec, name=name)
         qp = choose_qparams(w, m.spec)
         m._set(w, fp16_scale(qp.scale), qp.zero_point, linear.bias, None)
         return m.to(linear.weight.device)
 
     @classmethod
     def from_wqlinear(cls, q: WQLinear, *, learnable_scales: bool = True, lsq_grad_scale: bool = True,
-                      input_spec: QuantSpec | None = None, name: str = "") -> "FakeQuantLinear":
+                      learnable_zeros: bool = False, input_spec: QuantSpec | None = None,
+                      name: str = "") -> "FakeQuantLinear":
         """The PTQ result as the starting point: its grid, and its dequantized weight as latent weight
         (so the fake-quant forward starts out computing what the packed module computes)."""
         if q.codebook is not None:
             raise SpecError(f"layer {name or '?'}: QAT trains integer grids; this layer holds a codebook")
         spec = QuantSpec(bits=q.bits, symmetric=q.symmetric, granularity=PerGroup(q.group_size))
         m = cls(q.in_features, q.out_features, spec, bias=q.bias is not None, act_order=q.perm is not None,
-                learnable_scales=learnable_scales, lsq_grad_scale=lsq_grad_scale, input_spec=input_spec,
-                name=name)
+                learnable_scales=learnable_scales, lsq_grad_scale=lsq_grad_scale, learnable_zeros=learnable_zeros,
+                input_spec=input_spec, name=name)
         zeros = None if q.symmetric else q.zeros()
         m._set(q.dequantize_weight(), q.scales.float(), zeros, q.bias, q.perm)
         return m.to(q.scales.device)
@@ -197,11 +217,33 @@ class FakeQuantLinear(nn.Module):
         if perm is not None:
             self.perm.copy_(perm.long())
 
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Fixes the codes the latent weight rounds to now; from here on the forward dequantizes them
+        with the (trainable) scale, and the latent weight is left alone (no gradient)."""
+        if self.codes is None:
+            self.codes = self._codes(self.weight_quant.qparams(self.group_size))
+        self.weight.requires_grad_(False)
+
+    def _codes(self, qp: QParams) -> torch.Tensor:
+        w = self.weight.detach().float()
+        if self.perm is not None:
+            w = w.index_select(1, self.perm)
+        return quantize(w, QParams(scale=qp.scale.detach(), zero_point=None if qp.zero_point is None
+                                   else qp.zero_point.detach()), self.spec)
+
     # ---- compute ------------------------------------------------------------------------------
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight `[out, in]`, input channels in model order."""
-        w = self.weight if self.perm is None else self.weight.index_select(1, self.perm)
-        wq = self.weight_quant(w)
+        if self.codes is not None:
+            qp = self.weight_quant.qparams(self.group_size)
+            q = self.codes.float().view(self.out_features, -1, self.group_size)  # [out, in / G, G]
+            if qp.zero_point is not None:
+                q = q - qp.zero_point.unsqueeze(-1)
+            wq = (q * qp.scale.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+        else:
+            w = self.weight if self.perm is None else self.weight.index_select(1, self.perm)
+            wq = self.weight_quant(w)
         if self.perm is not None:
             wq = wq.index_select(1, torch.argsort(self.perm))
         return wq
@@ -219,15 +261,13 @@ class FakeQuantLinear(nn.Module):
         if self.input_quant is not None:
             raise SpecError(f"layer {self.name or '?'}: packing quantized activations needs a W8A8/W4A8 module; "
                             f"only weight-only fake quantization converts to WQLinear")
-        w = self.weight.detach().float()
-        if self.perm is not None:
-            w = w.index_select(1, self.perm)
         qp = self.weight_quant.qparams(self.group_size)
-        scale = qp.scale.detach()
-        codes = quantize(w, QParams(scale=scale, zero_point=qp.zero_point), self.spec)
-        return WQLinear.from_codes(codes, scale, qp.zero_point, self.spec, bias=self.bias, perm=self.perm,
-                                   name=self.name).to(w.device)
+        codes = self.codes if self.codes is not None else self._codes(qp)
+        zero = None if qp.zero_point is None else qp.zero_point.detach()
+        return WQLinear.from_codes(codes, qp.scale.detach(), zero, self.spec, bias=self.bias, perm=self.perm,
+                                   name=self.name).to(self.weight.device)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}, "
-                f"bias={self.bias is not None}" + (", act_order" if self.perm is not None else ""))
+                f"bias={self.bias is not None}" + (", act_order" if self.perm is not None else "")
+                + (", frozen codes" if self.codes is not None else ""))

@@ -233,14 +233,15 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, qparams: QParams | None = No
     Gradient to x: 1 where the rounded code lands inside [qmin, qmax], 0 where it is clipped
     (codebooks: 1 everywhere). Gradient to a scale that requires grad follows LSQ: round(v) - v
     inside (v = x / scale + zero), the clipped code minus zero outside; codebooks: codebook[q] - x / scale.
-    Zero points get no gradient (they stay integers). Without qparams they are chosen from x
-    (detached) with min-max. LSQ's gradient scale is `grad_scale` applied to the scale beforehand.
+    A zero point that requires grad (integer valued: a learned one is rounded straight-through by its
+    owner first) gets -scale where the code is clipped and 0 inside, where it shifts code and offset
+    alike. Without qparams they are chosen from x (detached) with min-max. LSQ's gradient scale is
+    `grad_scale` applied to the scale beforehand.
     """
     if qparams is None:
         qparams = choose_qparams(x.detach(), spec)
     xg = _group(x.float(), spec)
     sg, zg, cb = _grouped_qparams(qparams, spec, x)
-    zg = None if zg is None else zg.detach()
     try:
         shape = torch.broadcast_shapes(xg.shape, sg.shape, *(() if zg is None else (zg.shape,)))
     except RuntimeError:
@@ -288,7 +289,11 @@ class _FakeQuantInt(torch.autograd.Function):
             # LSQ: d out / d scale = q - v inside the grid, the clipped code (minus zero) outside
             term = torch.where(inside, q - v, q - zg if zg is not None else q)
             gs = (g * term).sum_to_size(sg.shape)
-        return gx, gs, None, None
+        gz = None
+        if zg is not None and ctx.needs_input_grad[2]:
+            # out = (clamp(round(x / s) + z) - z) * s: z cancels inside the grid, leaves -s where clipped
+            gz = (g * torch.where(inside, 0.0, -sg)).sum_to_size(zg.shape)
+        return gx, gs, gz, None
 
 
 class _GradScale(torch.autograd.Function):
