@@ -123,3 +123,24 @@ def test_lowbit_format_round_trip(tmp_path):
             for key, t in m.state_dict().items():
                 assert torch.equal(r.state_dict()[key], t), (n, key)
     assert torch.equal(again(ids).logits, want)
+
+
+def test_copy_and_pickle_after_a_forward_on_every_backend():
+    import copy
+    import io
+
+    lin = torch.nn.Linear(64, 32)
+    for backend in ("onednn", "int_mm"):
+        m = W8A8Linear.from_float(lin)
+        m._runtime = kernels.prepare_int8(m.weight, backends=[backend])  # oneDNN's weight is an opaque tensor
+        m._runtime_device = m.weight.device
+        x = torch.randn(16, 64)
+        want = m(x)
+        c = copy.deepcopy(m)
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        p = torch.load(buf, weights_only=False)
+        # the copies rebuild their run-time tensors for the auto backend: equal up to the epilogue's rounding
+        torch.testing.assert_close(c(x), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(p(x), want, rtol=1e-6, atol=1e-6)

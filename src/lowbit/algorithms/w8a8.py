@@ -10,17 +10,25 @@ recipe's `weights`); activations are quantized as the recipe's `activations` spe
                                                        calibration tokens of the block's float inputs)
 
 After SmoothQuant this is SmoothQuant's O1 / O2 / O3; alone it is naive W8A8.
+
+With `fuse_norm` (the default), every norm the adapter pairs with the linears reading its output
+(input_layernorm -> q/k/v, post_attention_layernorm -> gate/up) quantizes that output once for them
+(`lowbit.nn.act_quant_norm`) instead of each linear quantizing the same tensor again; the outputs are
+unchanged bit for bit.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..calib.stats import collect_activation_stats
-from ..errors import CalibrationError, InvalidWeightsError, SpecError
+from ..errors import CalibrationError, InvalidWeightsError, SpecError, UnsupportedArchitectureError
 from ..kernels.int8_gemm import QMAX
-from ..models import get_blocks, block_linears, linear_weight, set_module
+from ..models import get_blocks, block_linears, get_module, linear_weight, resolve_scaling_pairs, set_module
 from ..nn import W8A8Linear
+from ..nn import act_quant_norm
 from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .base import Algorithm
 
@@ -62,12 +70,46 @@ def check_finite_weights(model, adapter) -> None:
                 raise InvalidWeightsError(f"layer {adapter.blocks}.{i}.{name} has NaN or Inf in its weight")
 
 
+log = logging.getLogger(__name__)
+
+
+def norm_pairs(block, adapter, config) -> list[tuple[str, tuple[str, ...]]]:
+    """(norm, linears reading its output) of the adapter's norm pairs that hold for this block, found
+    while the linears are still float (the width checks read nn.Linear shapes)."""
+    try:
+        return [(p.prev_name, p.linear_names) for p in resolve_scaling_pairs(block, adapter, config)
+                if p.kind == "norm"]
+    except UnsupportedArchitectureError as e:  # the folds' concern, not this one's: just leave it unfused
+        log.debug("no norm fusion: %s", e)
+        return []
+
+
+def fuse_norm_quantization(block, pairs: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """Attaches norm activation quantization (lowbit.nn.act_quant_norm) for each (norm, linears) pair
+    whose linears are all plain W8A8Linear sharing one activation setting; returns the norms fused."""
+    fused = []
+    for norm, names in pairs:
+        consumers = [get_module(block, n) for n in names]
+        if not all(type(c) is W8A8Linear for c in consumers):
+            continue
+        try:
+            act_quant_norm.attach(get_module(block, norm), consumers)
+        except SpecError as e:
+            log.debug("%s not fused: %s", norm, e)
+            continue
+        fused.append(norm)
+    return fused
+
+
 class W8A8(Algorithm):
     name = "w8a8"
     takes_activations = True
 
-    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None):
+    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None, fuse_norm: bool = True):
         self.spec = spec
+        if not isinstance(fuse_norm, bool):
+            raise SpecError(f"w8a8: fuse_norm is true or false, got {fuse_norm!r}")
+        self.fuse_norm = fuse_norm
         self.activations = activations
         self.weight_granularity = weight_granularity(spec)
         self.act_mode = act_mode(activations)
@@ -76,10 +118,14 @@ class W8A8(Algorithm):
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
+        self._config = getattr(model, "config", None)
 
     @torch.no_grad()
     def quantize_block(self, ctx) -> None:
         linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, W8A8Linear)}
+        pairs = []
+        if self.fuse_norm:
+            pairs = norm_pairs(ctx.block, ctx.adapter, getattr(self, "_config", None) or getattr(ctx.block, "config", None))
         scales: dict[str, float] = {}
         if self.act_mode == "static":
             if not ctx.has_data:
@@ -95,6 +141,8 @@ class W8A8(Algorithm):
                                        weight_granularity=self.weight_granularity, act_mode=self.act_mode,
                                        input_scale=scales.get(n), name=f"{ctx.name}.{n}")
             set_module(ctx.block, n, q)
+        fuse_norm_quantization(ctx.block, pairs)
 
     def config(self) -> dict:
-        return {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode}
+        return {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode,
+                "fuse_norm": self.fuse_norm}

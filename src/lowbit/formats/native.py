@@ -2,10 +2,13 @@
 
     config.json  "quantization_config": {
         "quant_method": "lowbit", "format_version": 1, "recipe": {...},
-        "modules": {"model.layers.0.self_attn.q_proj": {"class": "WQLinear", "bits": 4, ...}, ...}}
+        "modules": {"model.layers.0.self_attn.q_proj": {"class": "WQLinear", "bits": 4, ...}, ...},
+        "norm_act_quant": {"model.layers.0.input_layernorm": ["model.layers.0.self_attn.q_proj", ...]}}
     model.safetensors  every tensor of the model; packed modules contribute qweight/scales/qzeros.
 
 Per-module entries (not one global setting) so mixed-precision models describe themselves.
+`norm_act_quant` (optional) lists the norms that quantize their output once for the W8A8 linears
+reading it (lowbit.nn.act_quant_norm); a run-time link with no tensors of its own, re-attached on load.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import CheckpointError, InvalidWeightsError
+from ..errors import CheckpointError, InvalidWeightsError, SpecError
 from ..models import get_module, set_module, untied_state_dict
 from ..nn import QUANTIZED_MODULES, MixedInt8Linear, SpQRLinear, W8A8Linear, WQLinear
+from ..nn import act_quant_norm
 from .atomic import atomic_dir
 
 FORMAT_VERSION = 1
@@ -83,6 +87,9 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
     qcfg = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
             "recipe": recipe or getattr(model, "lowbit_recipe", None),
             "modules": {n: module_config(m) for n, m in qmods.items()}}
+    fused = act_quant_norm.fused_norms(model)
+    if fused:
+        qcfg["norm_act_quant"] = fused
     state = untied_state_dict(model)
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
@@ -189,6 +196,12 @@ def load(path: str | Path, cfg: dict, *, device: str | torch.device = "cpu") -> 
         set_module(model, name, module_from_config(mc, name))
     # the packed modules' buffers are ordinary state here: every tensor is checked and loaded
     load_float_tensors(model, state, path, packed=set())
+    for norm, consumers in (qcfg.get("norm_act_quant") or {}).items():
+        try:
+            act_quant_norm.attach(get_module(model, norm), [get_module(model, c) for c in consumers])
+        except (AttributeError, SpecError) as e:
+            raise CheckpointError(f"{path}: norm_act_quant entry {norm} -> {consumers} does not fit the model "
+                                  f"({e})") from e
     model.lowbit_recipe = qcfg.get("recipe")
     return model.to(device).eval()
 

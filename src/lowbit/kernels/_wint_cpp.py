@@ -10,24 +10,21 @@ tensors ``prepare_wint`` already builds), so they need no extra memory:
 - ``int4pack_dequant_t(packed, scales_zeros, group, block0, block1, out)``: ``W^T`` of rows
   ``64*block0 .. 64*block1`` in bf16 ``[K, rows]`` for the dequantize + bf16 GEMM path.
 
-Registered as ``torch.ops.lowbit_wint.*``; built with ``-O3 -march=native -fopenmp`` into
-``${LOWBIT_CACHE:-~/.cache/lowbit}/ext``, a directory per source, torch version and CPU flags
-(``-march=native`` binaries do not move between CPUs). Without AVX512-BF16 the same source
-compiles to plain C++ loops. ``LOWBIT_WINT_EXT=0`` turns it off. If the build fails, ``load()`` returns None
+Registered as ``torch.ops.lowbit_wint.*``; built by ``_cpp_ext`` (once per machine, cached under
+``${LOWBIT_CACHE:-~/.cache/lowbit}/ext``). Without AVX512-BF16 the same source compiles to plain C++ loops. ``LOWBIT_WINT_EXT=0`` turns it off. If the build fails, ``load()`` returns None
 and warns once; callers fall back to the torch ops.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import os
-import platform
 import warnings
 from pathlib import Path
 
 import torch
+
+from lowbit.kernels import _cpp_ext
 
 EXT_ENV = "LOWBIT_WINT_EXT"
 
@@ -256,20 +253,8 @@ TORCH_LIBRARY(lowbit_wint, m) {
 _failed_once = False
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def build_dir() -> Path:
-    tag = hashlib.sha256((_SOURCE + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("LOWBIT_CACHE", "~/.cache/lowbit")).expanduser()
-    return root / "ext" / f"wint_{tag}"
+    return _cpp_ext.build_dir("wint", _SOURCE)
 
 
 def enabled() -> bool:
@@ -302,28 +287,7 @@ def _load():
 
 
 def _build():
-    from torch.utils.cpp_extension import load
-
-    d = build_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    src = d / "wint.cpp"
-    if not src.exists() or src.read_text() != _SOURCE:
-        tmp = d / f"wint.cpp.{os.getpid()}"
-        tmp.write_text(_SOURCE)
-        tmp.replace(src)
-    logging.getLogger("lowbit").info("building the C++ wint kernels in %s (once per machine)", d)
-    # a plain shared library registering torch ops: no pybind11 and light headers (load_inline
-    # would prepend torch/extension.h), about 4x faster to build
-    load(
-        name=f"lowbit_{d.name}",
-        sources=[str(src)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(d),
-        is_python_module=False,
-        verbose=False,
-    )
-    return torch.ops.lowbit_wint
+    return _cpp_ext.build("wint", _SOURCE, "lowbit_wint")
 
 
 def load():

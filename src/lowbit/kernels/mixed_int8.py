@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from lowbit.errors import SpecError
-from lowbit.kernels.int8_gemm import int8_gemm, int8_gemm_ref, quantize_per_token
+from lowbit.kernels.int8_gemm import act_offset, int8_gemm, int8_gemm_ref, quantize_per_token
 
 __all__ = ["mixed_int8_matmul", "mixed_int8_matmul_ref", "outlier_columns"]
 
@@ -78,7 +78,7 @@ def mixed_int8_matmul(x: torch.Tensor, w_prepared: Mapping[str, torch.Tensor], w
         raise SpecError(f"mixed_int8: x has {x.shape[-1]} features, the weight expects {k}")
     x2 = x.reshape(-1, k)
     cols, x_in = _split(x2, threshold)
-    qx, xs = quantize_per_token(x_in)
+    qx, xs = quantize_per_token(x_in, offset=act_offset(w_prepared, x2.shape[0], backend))
     y = int8_gemm(qx, xs, w_prepared, w_scale.reshape(-1), None, torch.float32, backend=backend)
     if cols.numel():
         y += _outlier_part(x2, cols, qw, w_scale, _half_dtype(x, outlier_dtype))

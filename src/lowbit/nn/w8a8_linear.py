@@ -7,8 +7,11 @@ Storage (what checkpoints hold; the names and shapes compressed-tensors' int-qua
 - `bias`         optional, in the float model's dtype.
 
 `W[n, k] = weight[n, k] * weight_scale[n]`. The forward quantizes x (per token or per tensor from
-this call's absmax, or on the static `input_scale`) and calls `lowbit.kernels.int8_gemm`, which
-applies both scales and the bias to the int32 accumulator and returns x's dtype.
+this call's absmax, or on the static `input_scale`), straight into the code form the GEMM backend
+reads (int8, or uint8 + 128 for oneDNN), and calls `lowbit.kernels.int8_gemm`, which applies both
+scales and the bias to the int32 accumulator and returns x's dtype. Where the preceding norm
+quantizes its output once for several linears (`lowbit.nn.act_quant_norm`), the forward takes
+those codes instead of quantizing x again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import InvalidWeightsError, SpecError
+from ..kernels.int8_gemm import act_offset
 from ..quant import PerChannel, PerTensor, QuantSpec, choose_qparams, quantize
 
 WEIGHT_GRANULARITIES = ("tensor", "channel")
@@ -115,8 +119,24 @@ class W8A8Linear(nn.Module):
         return self._runtime
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qx, xs = kernels.quantize_activation(x, self.act_mode, self.input_scale)
-        return kernels.int8_gemm(qx, xs, self._prepared(), self.weight_scale, self.bias, x.dtype)
+        prepared = self._prepared()
+        # codes the preceding norm already made from this very x (lowbit.nn.act_quant_norm), if any
+        source = self.__dict__.get("_act_source")
+        hit = source.take(x) if source is not None else None
+        if hit is not None:
+            qx, xs = hit
+        else:
+            m = x.numel() // max(x.shape[-1], 1)
+            qx, xs = kernels.quantize_activation(x, self.act_mode, self.input_scale,
+                                                 offset=act_offset(prepared, m))
+        return kernels.int8_gemm(qx, xs, prepared, self.weight_scale, self.bias, x.dtype)
+
+    def __getstate__(self):
+        # copies and pickles leave the run-time tensors behind (oneDNN's prepacked weight is an opaque
+        # tensor that can be neither copied nor pickled); the next forward rebuilds them
+        state = dict(self.__dict__)
+        state["_runtime"] = state["_runtime_device"] = None
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._runtime = None
