@@ -8,7 +8,10 @@ next to the SmoothQuant and LLM.int8() rows so the table shows what each method 
 
 Speed: `W8A8Linear` (per-token dynamic activations, quantization of x included in the time) against
 fp32 and bf16 `F.linear` at M = 1, 128, 512 tokens on 4096x4096, 4096x11008 and the model's own MLP
-shape; and one 512-token prefill of the whole model, bf16 float against W8A8 (sq-o1) in bf16.
+shape, with where the time goes at the largest M (activation quantization: lowbit's kernel against
+the plain torch expression; the integer GEMM alone on each backend; the epilogue); and one 512-token
+prefill of the whole model, bf16 float against W8A8 (sq-o1) in bf16, with and without the norms
+quantizing q/k/v's and gate/up's input once (lowbit.nn.act_quant_norm). Threads: OMP_NUM_THREADS.
 
     python bench/w8a8.py --model smollm2-135m [--windows 40] [--calib-samples 64] [--only w8a8-sq-o1,...]
         [--no-speed] [--speed-only] [--json out.json]
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.api import resolve_model_path
 from lowbit.eval import bits_per_weight
-from lowbit.nn import W8A8Linear
+from lowbit.nn import W8A8Linear, act_quant_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import REPO, WIKI_TEST, WIKI_VALID, load_reference, markdown_table, quality, write_json  # noqa: E402
@@ -49,6 +52,39 @@ def median_ms(fn, reps: int = 7) -> float:
     return statistics.median(times) * 1e3
 
 
+def _kernels():
+    import importlib
+
+    return importlib.import_module("lowbit.kernels.int8_gemm")  # the package re-exports a function of that name
+
+
+@torch.inference_mode()
+def breakdown(w8: W8A8Linear, xb: torch.Tensor) -> dict:
+    """Where W8A8Linear's time goes for one bf16 input: quantizing x (lowbit's kernel, and the plain
+    torch expression it replaced), the int8 GEMM alone on each prepared backend, the epilogue."""
+    K = _kernels()
+    prep = w8._prepared()
+    m = xb.shape[0]
+    out = {"backend": K.select_int8_backend(prep, m=m)}
+    off = K.act_offset(prep, m)
+    out["quant_ms"] = median_ms(lambda: K.quantize_per_token(xb, offset=off))
+
+    def torch_quant():
+        s = xb.abs().amax(dim=-1, keepdim=True).float().div_(127).clamp_(min=1e-12)
+        return torch.clamp(torch.round(xb.float() / s), -127, 127).to(torch.int8), s
+
+    out["quant_torch_ms"] = median_ms(torch_quant)
+    q8, xs = K.quantize_per_token(xb)
+    qu, _ = K.quantize_per_token(xb, offset=128)
+    ws = w8.weight_scale.reshape(-1)
+    out["gemm_int_mm_ms"] = median_ms(lambda: torch._int_mm(q8, w8.weight.t()))
+    if "onednn" in K.int8_available_backends(prep):
+        out["gemm_onednn_ms"] = median_ms(lambda: K._run_onednn(qu, prep, ws, w8.out_features))
+    acc = torch._int_mm(q8, w8.weight.t())
+    out["epilogue_ms"] = median_ms(lambda: K._epilogue(acc, xs, ws, None, torch.bfloat16))
+    return out
+
+
 @torch.inference_mode()
 def layer_speed(shapes, ms=(1, 128, 512)) -> list[dict]:
     rows = []
@@ -67,6 +103,12 @@ def layer_speed(shapes, ms=(1, 128, 512)) -> list[dict]:
             rows.append(row)
             print(f"  {k}x{n} M={m}: fp32 {row['fp32_ms']:.2f} ms, bf16 {row['bf16_ms']:.2f} ms, "
                   f"W8A8 {row['w8a8_bf16_ms']:.2f} ms ({row['speedup_vs_bf16']:.2f}x bf16)", flush=True)
+            if m == max(ms):
+                b = row["breakdown"] = breakdown(w8, xb)
+                print(f"    M={m} parts ({b['backend']}): quantize x {b['quant_ms']:.2f} ms (torch ops "
+                      f"{b['quant_torch_ms']:.2f}), GEMM alone: _int_mm {b['gemm_int_mm_ms']:.2f} ms"
+                      + (f", oneDNN u8 {b['gemm_onednn_ms']:.2f} ms" if "gemm_onednn_ms" in b else "")
+                      + f", epilogue {b['epilogue_ms']:.2f} ms", flush=True)
     return rows
 
 
@@ -77,9 +119,14 @@ def prefill_speed(src, recipe: str, calib, tokens: int = 512) -> dict:
     t_fp = median_ms(lambda: fp(ids), reps=5)
     del fp
     q = lowbit.quantize(lowbit.load(src), recipe, calib, progress=False).to(torch.bfloat16)
+    fused = act_quant_norm.fused_norms(q)
     t_q = median_ms(lambda: q(ids), reps=5)
+    for name in fused:  # the same model with every linear quantizing its own input
+        act_quant_norm.detach(q.get_submodule(name))
+    t_unfused = median_ms(lambda: q(ids), reps=5)
     return {"tokens": tokens, "bf16_ms": t_fp, "w8a8_ms": t_q, "bf16_tok_s": tokens / t_fp * 1e3,
-            "w8a8_tok_s": tokens / t_q * 1e3, "speedup": t_fp / t_q, "recipe": recipe}
+            "w8a8_tok_s": tokens / t_q * 1e3, "speedup": t_fp / t_q, "recipe": recipe,
+            "fused_norms": len(fused), "w8a8_unfused_ms": t_unfused, "w8a8_unfused_tok_s": tokens / t_unfused * 1e3}
 
 
 def main() -> None:
@@ -132,7 +179,8 @@ def main() -> None:
         result["prefill"] = p
         print(f"\nprefill of {p['tokens']} tokens, whole model: bf16 {p['bf16_ms']:.0f} ms "
               f"({p['bf16_tok_s']:.0f} tok/s), W8A8 sq-o1 in bf16 {p['w8a8_ms']:.0f} ms "
-              f"({p['w8a8_tok_s']:.0f} tok/s): {p['speedup']:.2f}x")
+              f"({p['w8a8_tok_s']:.0f} tok/s): {p['speedup']:.2f}x; without the {p['fused_norms']} norm-fused "
+              f"quantizations {p['w8a8_unfused_ms']:.0f} ms ({p['w8a8_unfused_tok_s']:.0f} tok/s)")
     if a.json:
         write_json(a.json, result)
 
