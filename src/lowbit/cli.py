@@ -122,9 +122,10 @@ def check_recipe_fits_format(recipe, fmt: str) -> None:
                           f"(SpQR) is saved in lowbit's own format only (--format lowbit)")
     if fmt != "lowbit" and recipe.activations is not None:
         llm_int8 = any(step.get("method") == "llm_int8" for step in recipe.steps)
-        if fmt != "compressed-tensors" or llm_int8:
+        w4 = w.bits != 8  # W4A8: lowbit's packed int4 with integer group scales has no compressed-tensors form
+        if fmt != "compressed-tensors" or llm_int8 or w4:
             raise LowbitError(f"--format {fmt} has no form for recipe {recipe.name}'s quantized activations; use "
-                              f"--format lowbit" + ("" if llm_int8 else " or compressed-tensors"))
+                              f"--format lowbit" + ("" if llm_int8 or w4 else " or compressed-tensors"))
         return  # W8A8 goes into compressed-tensors' int-quantized
     if fmt == "awq" and (w.bits != 4 or w.symmetric or w.dtype != "int"):
         raise LowbitError(f"--format awq stores 4-bit asymmetric integer weights; recipe {recipe.name} has {w}")

@@ -29,7 +29,8 @@ def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", versi
     if format == "gptq":
         return gptq.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
     if format == "compressed-tensors":
-        if ct_int_quantized.has_w8a8(model):  # W8A8: unpacked int8 ("int-quantized")
+        # W8A8: unpacked int8 ("int-quantized"); W4A8 goes there too, to be refused with its reason
+        if ct_int_quantized.has_w8a8(model) or any(type(m).__name__ == "W4A8Linear" for m in model.modules()):
             return ct_int_quantized.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
         return compressed_tensors.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
     # lowbit's format stores WQLinear; a model read from an AWQ checkpoint converts losslessly

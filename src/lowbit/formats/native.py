@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InvalidWeightsError, SpecError
 from ..models import get_module, set_module, untied_state_dict
-from ..nn import QUANTIZED_MODULES, MixedInt8Linear, SpQRLinear, W8A8Linear, WQLinear
+from ..nn import QUANTIZED_MODULES, MixedInt8Linear, SpQRLinear, W4A8Linear, W8A8Linear, WQLinear
 from ..nn import act_quant_norm
 from .atomic import atomic_dir
 
@@ -56,6 +56,10 @@ def module_config(m: nn.Module) -> dict:
         return {"class": "W8A8Linear", "in_features": m.in_features, "out_features": m.out_features,
                 "weight_granularity": m.weight_granularity, "act_mode": m.act_mode, "bias": m.bias is not None,
                 "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
+    if isinstance(m, W4A8Linear):
+        return {"class": "W4A8Linear", "in_features": m.in_features, "out_features": m.out_features,
+                "weight_granularity": m.weight_granularity, "group_size": m.group_size, "bias": m.bias is not None,
+                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
     raise CheckpointError(f"cannot save module of type {type(m).__name__}")
 
 
@@ -72,6 +76,10 @@ def module_from_config(c: dict, name: str) -> nn.Module:
     if c.get("class") == "W8A8Linear":
         return W8A8Linear(c["in_features"], c["out_features"], weight_granularity=c["weight_granularity"],
                           act_mode=c["act_mode"], bias=c["bias"],
+                          bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"), name=name)
+    if c.get("class") == "W4A8Linear":
+        return W4A8Linear(c["in_features"], c["out_features"], weight_granularity=c["weight_granularity"],
+                          group_size=c.get("group_size"), bias=c["bias"],
                           bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"), name=name)
     if c.get("class") != "WQLinear":
         raise CheckpointError(f"checkpoint module {name} has unknown class {c.get('class')!r}")

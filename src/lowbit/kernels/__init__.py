@@ -14,6 +14,7 @@ from lowbit.kernels.int8_gemm import (
     quantize_static,
     select_int8_backend,
 )
+from lowbit.kernels.w4a8 import unpack_int4, w4a8_gemm, w4a8_gemm_ref, w4a8_int8_weight
 from lowbit.kernels.mixed_int8 import mixed_int8_matmul, mixed_int8_matmul_ref, outlier_columns
 from lowbit.kernels.wint import (
     BACKEND_ENV as WINT_BACKEND_ENV,
@@ -41,6 +42,10 @@ __all__ = [
     "quantize_per_token",
     "quantize_static",
     "select_int8_backend",
+    "unpack_int4",
+    "w4a8_gemm",
+    "w4a8_gemm_ref",
+    "w4a8_int8_weight",
     "WINT_BACKENDS",
     "WINT_BACKEND_ENV",
     "prepare_wint",

@@ -4,11 +4,12 @@ from .awq_linear import AWQ_LAYOUTS, AWQLinear, AWQLinearGEMM, AWQLinearGEMV
 from .fake_quant import FakeQuantize, FakeQuantLinear
 from .mixed_int8_linear import MixedInt8Linear
 from .spqr_linear import SpQRLinear
+from .w4a8_linear import W4A8Linear
 from .w8a8_linear import W8A8Linear
 from .wq_linear import WQLinear
 
 QUANTIZED_MODULES = {"WQLinear": WQLinear, "AWQLinearGEMM": AWQLinearGEMM, "AWQLinearGEMV": AWQLinearGEMV,
                      "SpQRLinear": SpQRLinear, "W8A8Linear": W8A8Linear,
-                     "MixedInt8Linear": MixedInt8Linear}
+                     "MixedInt8Linear": MixedInt8Linear, "W4A8Linear": W4A8Linear}
 
-__all__ = ["WQLinear", "W8A8Linear", "MixedInt8Linear", "FakeQuantize", "FakeQuantLinear", "SpQRLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]
+__all__ = ["WQLinear", "W4A8Linear", "W8A8Linear", "MixedInt8Linear", "FakeQuantize", "FakeQuantLinear", "SpQRLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]

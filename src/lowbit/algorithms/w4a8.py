@@ -1,0 +1,69 @@
+"""The rounding step of W4A8 recipes: every linear becomes a `W4A8Linear`.
+
+Weights: symmetric int4, rounded to nearest, per tensor, per output channel, or in groups of G along
+the input dim with the two-level scheme (integer group scales in [1, 16] under a float per-channel
+scale, so the unpacked weight is int8 and the GEMM stays in integers; see `lowbit.kernels.w4a8`).
+Activations: int8 per token, dynamic. No calibration.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SpecError
+from ..models import linear_weight, set_module
+from ..nn import W4A8Linear
+from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from .base import Algorithm
+from .w8a8 import check_finite_weights
+
+
+def int4_granularity(spec: QuantSpec) -> tuple[str, int | None]:
+    """("tensor" | "channel" | "group", group size or None) for a 4-bit symmetric integer spec."""
+    if spec.bits != 4 or not spec.symmetric or spec.dtype != "int":
+        raise SpecError(f"W4A8 needs 4-bit symmetric integer weights, the recipe has {spec}")
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return "tensor", None
+    if isinstance(g, PerChannel) or (isinstance(g, PerGroup) and g.group_size == -1):
+        return "channel", None
+    if isinstance(g, PerGroup):
+        return "group", g.group_size
+    raise SpecError(f"W4A8 weights are per tensor, per channel or per group, the recipe has {g}")
+
+
+def check_per_token(activations: QuantSpec | None, what: str) -> None:
+    if activations is None:
+        raise SpecError(f"a {what} recipe needs an `activations` block (bits 8, symmetric, granularity token, "
+                        f"dynamic true)")
+    if (activations.bits != 8 or not activations.symmetric or activations.dtype != "int"
+            or not isinstance(activations.granularity, PerToken) or not activations.dynamic):
+        raise SpecError(f"{what} quantizes activations to int8 per token, dynamic; the recipe has {activations}")
+
+
+class W4A8(Algorithm):
+    name = "w4a8"
+    takes_activations = True
+    requires_calibration = False
+
+    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None):
+        self.spec = spec
+        self.weight_granularity, self.group_size = int4_granularity(spec)
+        check_per_token(activations, "W4A8")
+
+    def prepare(self, model, adapter) -> None:
+        check_finite_weights(model, adapter)
+
+    @torch.no_grad()
+    def quantize_block(self, ctx) -> None:
+        for n, m in ctx.linears.items():
+            if isinstance(m, W4A8Linear):
+                continue
+            q = W4A8Linear.from_weight(linear_weight(m), getattr(m, "bias", None),
+                                       weight_granularity=self.weight_granularity, group_size=self.group_size,
+                                       name=f"{ctx.name}.{n}")
+            set_module(ctx.block, n, q)
+
+    def config(self) -> dict:
+        return {"method": self.name, "weights": self.weight_granularity, "group_size": self.group_size,
+                "activations": "per_token"}
