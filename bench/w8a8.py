@@ -4,7 +4,8 @@ Quality: every W8A8 preset is quantized (calibration: random 512-token slices of
 validation, `--calib-samples` of them), saved in lowbit's format and reloaded, then scored on the
 WikiText-2 test windows: perplexity, KL divergence and top-1 agreement against the float model,
 bits per weight of the decoder-block linears. Naive W8A8 (per-tensor static, no smoothing) sits
-next to the SmoothQuant and LLM.int8() rows so the table shows what each method fixes.
+next to the SmoothQuant, LLM.int8(), ZeroQuant, Outlier Suppression and W4A8 rows so the table shows
+what each method fixes.
 
 Speed: `W8A8Linear` (per-token dynamic activations, quantization of x included in the time) against
 fp32 and bf16 `F.linear` at M = 1, 128, 512 tokens on 4096x4096, 4096x11008 and the model's own MLP
@@ -15,6 +16,9 @@ quantizing q/k/v's and gate/up's input once (lowbit.nn.act_quant_norm). Threads:
 
     python bench/w8a8.py --model smollm2-135m [--windows 40] [--calib-samples 64] [--only w8a8-sq-o1,...]
         [--no-speed] [--speed-only] [--json out.json]
+
+`--only` also takes recipe .yaml files (variants of a preset: another alpha, LKD off), each row named
+by the file's stem.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from lowbit.nn import W8A8Linear, act_quant_norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import REPO, WIKI_TEST, WIKI_VALID, load_reference, markdown_table, quality, write_json  # noqa: E402
 
-PRESETS = ("w8a8-naive", "w8a8-sq-o1", "w8a8-sq-o2", "w8a8-sq-o3", "w8a8-llm-int8")
+PRESETS = ("w8a8-naive", "w8a8-sq-o1", "w8a8-sq-o2", "w8a8-sq-o3", "w8a8-llm-int8", "w8a8-zeroquant", "w4a8-zeroquant",
+           "w8a8-os", "w4a8")
 COLUMNS = [("bits/weight", "bits_per_weight", ".2f"), ("ppl", "ppl", ".3f"), ("Δppl", "delta_ppl", "+.3f"),
            ("Δppl %", "delta_pct", "+.2f"), ("KL", "kl", ".4f"), ("top-1", "top1_agreement", ".3f"),
            ("quant s", "quant_seconds", ".1f")]
@@ -151,9 +156,11 @@ def main() -> None:
         ref = load_reference(a.model, WIKI_TEST, a.windows, a.seqlen)
         rows = [dict(method="float (fp32)", bits_per_weight=32.0, quant_seconds=0.0, **quality(ref.fp, ref))]
         for preset in (a.only.split(",") if a.only else PRESETS):
+            recipe = preset  # a preset name, or a recipe .yaml (a variant), whose row is named by its file stem
+            preset = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
             model = lowbit.load(ref.src)
             t0 = time.perf_counter()
-            q = lowbit.quantize(model, preset, calib, progress=False)
+            q = lowbit.quantize(model, recipe, calib, progress=False)
             qtime = time.perf_counter() - t0
             out = lowbit.save(q, Path(a.out) / a.model / preset, tokenizer=ref.fp.lowbit_tokenizer, overwrite=True)
             del q, model
