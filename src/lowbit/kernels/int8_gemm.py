@@ -39,6 +39,7 @@ a second copy of the int8 weight, held at run time only.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 
@@ -73,7 +74,8 @@ QMAX = 127  # symmetric int8: -128 is left out so that -q is always representabl
 SCALE_EPS = 1e-12
 
 ACT_MODES = ("per_token", "per_tensor", "static")
-# Below this many tokens `auto` prefers torch._int_mm to oneDNN (see the module doc).
+# Below this many tokens `auto` prefers torch._int_mm to oneDNN on CPUs without AMX (see the module
+# doc); with AMX oneDNN wins from one token (CPU_KERNELS.md: 0.92 against 1.76 ms at M=1).
 ONEDNN_MIN_M = 2
 _EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -227,11 +229,13 @@ def int8_gemm_ref(qx: torch.Tensor, x_scale, qw: torch.Tensor, w_scale, bias: to
 # preparation and dispatch
 
 
+@functools.lru_cache(maxsize=1)
 def _has_amx() -> bool:
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe()) if callable(probe) else False
 
 
+@functools.lru_cache(maxsize=1)
 def _has_vnni() -> bool:
     """u8 x s8 dot products in hardware, where oneDNN's uint8 GEMM beats torch._int_mm."""
     return _has_amx() or any(_cpp_ext.has_cpu_flag(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
@@ -273,13 +277,13 @@ def int8_available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, 
 
 def select_int8_backend(prepared: Mapping[str, torch.Tensor], backend: str = "auto", m: int | None = None) -> str:
     """An explicit ``backend`` wins, then ``LOWBIT_INT8_BACKEND``, then ``auto``: oneDNN when its
-    weight was prepared (VNNI/AMX) and there are at least ``ONEDNN_MIN_M`` tokens (``m``; None: many),
-    else ``torch._int_mm``."""
+    weight was prepared (VNNI/AMX) and there are at least ``ONEDNN_MIN_M`` tokens (``m``; None: many;
+    any number with AMX), else ``torch._int_mm``."""
     have = int8_available_backends(prepared)
     forced = forced_backend("int8", backend, BACKEND_ENV, BACKENDS, have)
     if forced is not None:
         return forced
-    if "onednn" in have and (m is None or m >= ONEDNN_MIN_M or "int_mm" not in have):
+    if "onednn" in have and (m is None or m >= (1 if _has_amx() else ONEDNN_MIN_M) or "int_mm" not in have):
         return "onednn"
     return "int_mm" if "int_mm" in have else "ref"
 
