@@ -120,3 +120,15 @@ def test_errors():
         load_recipe("w8a8-os", bits=4).build()
     with pytest.raises(CalibrationError, match="calibration"):
         lowbit.quantize(tiny_model("llama"), "w8a8-os", None, progress=False)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt2"])
+def test_preset_on_other_architectures(model_type):
+    model = tiny_model(model_type)
+    with torch.no_grad():
+        want = model(IDS).logits
+    q = lowbit.quantize(model, "w8a8-os", IDS, progress=False)
+    assert q.lowbit_recipe["algorithms"][0]["norms_migrated"] == 4  # two pre-linear norms in each block
+    with torch.no_grad():
+        got = q(IDS).logits
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.25
