@@ -76,7 +76,9 @@ def test_preset_builds_static_per_tensor_w8a8(gamma):
     with torch.no_grad():
         want = model(IDS).logits
     r = load_recipe("w8a8-os")
-    r.steps = [{"method": "outlier_suppression", "gamma_migration": gamma}]
+    # the per-layer clip search runs here too, with gamma left in place
+    r.steps = [{"method": "outlier_suppression", "gamma_migration": gamma,
+                "clip_search": "layer" if gamma is False else "block"}]
     q = lowbit.quantize(model, r, IDS, progress=False)
     mods = {n: m for n, m in q.named_modules() if isinstance(m, W8A8Linear)}
     assert len(mods) == 14
@@ -103,7 +105,7 @@ def test_auto_mode_takes_the_lower_error_per_norm():
         with torch.no_grad():
             BlockRunner(model, get_adapter(model), IDS, progress=False).run([alg])
         block0 = {k: v for k, v in alg.clip_log.items() if k.startswith("model.layers.0.")}
-        total[gamma] = sum(v["loss"] for v in {v["clip"]: v for v in block0.values()}.values())
+        total[gamma] = sum(v["layer_loss"] for v in {v["clip"]: v for v in block0.values()}.values())
     assert total["auto"] <= min(total[True], total[False]) * (1 + 1e-6)
     assert total[True] != total[False]
 
@@ -132,3 +134,29 @@ def test_preset_on_other_architectures(model_type):
     with torch.no_grad():
         got = q(IDS).logits
     assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.25
+
+
+def test_block_search_scores_the_block_output():
+    """clip_search block: one quantile per block, no worse on block 0's output (the same inputs in both
+    runs) than not clipping at all, and the layer search is still there as an option."""
+    from lowbit.calib import BlockRunner
+
+    logs = {}
+    for quantiles in ([1.0], list(load_recipe("w8a8-os").steps[0].get("quantiles", [])) or None):
+        model = _with_outlier_channels(tiny_model("llama"), scale=80.0)
+        r = load_recipe("w8a8-os")
+        kw = {} if quantiles is None else {"quantiles": quantiles}
+        alg = OutlierSuppression(r.weights, r.activations, **kw)
+        alg.prepare(model, get_adapter(model))
+        with torch.no_grad():
+            BlockRunner(model, get_adapter(model), IDS, progress=False).run([alg])
+        logs[str(quantiles)] = alg.block_log
+    unclipped, searched = logs["[1.0]"], logs["None"]
+    assert [e["block"] for e in searched] == [0, 1]
+    assert searched[0]["loss"] <= unclipped[0]["loss"] * (1 + 1e-6)
+    r = load_recipe("w8a8-os")
+    layer = OutlierSuppression(r.weights, r.activations, clip_search="layer")
+    q = lowbit.quantize(_with_outlier_channels(tiny_model("llama")), load_recipe("w8a8-os"), IDS, progress=False)
+    assert q.lowbit_recipe["algorithms"][0]["clip_search"] == "block" and layer.clip_search == "layer"
+    with pytest.raises(SpecError, match="clip_search"):
+        OutlierSuppression(r.weights, r.activations, clip_search="model")

@@ -11,16 +11,21 @@ sign(gamma_j) and the linears' input columns take |gamma_j| (beta becomes beta /
 
 Token-wise clipping. The static activation range is not the calibration absmax: a few tokens hold
 the extreme values, and clipping them costs less than the coarser grid they impose on all the
-others. The paper's coarse stage takes the clipping value from quantiles of the per-token maxima
-and picks the quantile by the quantized output's loss; here the candidates are quantiles
-`quantiles` of the tokens' absolute maxima over the calibration tokens, and the loss is the
-squared error of every linear reading that input, `|| Q(X) Q(W)^T - X W^T ||^2`, with int8 X on the
-candidate scale (clip / 127) and W on the int8 grid it will get, over up to `max_tokens` calibration
-tokens. The paper's second, fine-grained stage (learning the range by gradient descent) is not
-done. Linears that read one tensor (q/k/v, gate/up) share one clipping value.
+others. The paper's coarse stage clips at a quantile of the tokens' maxima and picks the quantile by
+the quantized model's output loss; its reference implementation (wimh966/outlier_suppression,
+`token_wise_clipping.py`) uses one ratio for every activation quantizer of the model, scored by the
+MSE of the final output. In the block runner (one block in memory) that becomes, with
+`clip_search: block` (the default): one quantile per block, from `quantiles`, every input of the
+block clipped at that quantile of its own calibration tokens' absolute maxima, scored by the MSE of
+the quantized block's output against the float block's on the first `block_chunks` calibration
+chunks. `clip_search: layer` scores each input separately instead, by the squared error of every
+linear reading it, `|| Q(X) Q(W)^T - X W^T ||^2` over up to `max_tokens` calibration tokens. The
+paper's second, fine-grained stage (learning the range by gradient descent) is not done. Linears that
+read one tensor (q/k/v, gate/up) share one clipping value.
 
 `gamma_migration`: true (the paper: every foldable norm), false, or "auto": per norm, migrate only
-where the clipped int8 output error of the linears it feeds is lower with gamma moved than without
+where the clipped int8 output error of the linears it feeds (the per-layer search's) is lower with
+gamma moved than without
 (on Llama-like models a small gamma often sits on a channel of massive activations, and moving it
 would expose that channel to the activation grid). The inputs are recorded once, before any fold:
 a norm fold changes only its own linears' input, to exactly X / |gamma|.
@@ -35,6 +40,7 @@ import logging
 
 import torch
 
+from ..calib.runner import call_block
 from ..errors import CalibrationError, SpecError
 from ..kernels.int8_gemm import QMAX
 from ..models import fold_scales, linear_weight, norm_offset, resolve_scaling_pairs, set_module
@@ -95,6 +101,7 @@ def search_clip(x: torch.Tensor, token_absmax: torch.Tensor, weights: list[torch
 
 
 GAMMA_MODES = (True, False, "auto")
+CLIP_SEARCHES = ("block", "layer")
 
 
 class OutlierSuppression(Algorithm):
@@ -103,7 +110,7 @@ class OutlierSuppression(Algorithm):
     requires_calibration = True
 
     def __init__(self, spec, activations=None, gamma_migration: bool | str = True, quantiles=DEFAULT_QUANTILES,
-                 max_tokens: int = 2048, seed: int = 0):
+                 clip_search: str = "block", block_chunks: int = 1, max_tokens: int = 2048, seed: int = 0):
         self.weight_granularity = weight_granularity(spec)
         if act_mode(activations) != "static":
             raise SpecError(f"Outlier Suppression calibrates static per-tensor activations (granularity tensor, "
@@ -113,11 +120,17 @@ class OutlierSuppression(Algorithm):
         qs = list(quantiles) if isinstance(quantiles, (list, tuple)) else None
         if not qs or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in qs):
             raise SpecError(f"outlier_suppression: quantiles must be a list of numbers in (0, 1], got {quantiles!r}")
+        if clip_search not in CLIP_SEARCHES:
+            raise SpecError(f"outlier_suppression: clip_search must be one of {CLIP_SEARCHES}, got {clip_search!r}")
+        if isinstance(block_chunks, bool) or not isinstance(block_chunks, int) or block_chunks < 1:
+            raise SpecError(f"outlier_suppression: block_chunks must be a positive int, got {block_chunks!r}")
+        self.clip_search, self.block_chunks = clip_search, block_chunks
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise SpecError(f"outlier_suppression: max_tokens must be a positive int, got {max_tokens!r}")
         self.gamma_migration, self.quantiles, self.max_tokens, self.seed = gamma_migration, qs, max_tokens, seed
         self.clip_log: dict[str, dict] = {}  # "model.layers.0.self_attn.q_proj" -> quantile, clip, absmax
         self.last_gammas: dict[str, torch.Tensor] = {}  # norms whose gamma was migrated -> |gamma|
+        self.block_log: list[dict] = []  # clip_search "block": each block's quantile and output MSE
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
@@ -178,7 +191,8 @@ class OutlierSuppression(Algorithm):
         # one pass over the calibration data, before any fold: a norm fold changes only its own
         # linears' input, to exactly X / |gamma| (what `_inputs` also records the maxima of)
         xs, tmax, tmax_m = self._inputs(ctx, list(readers), gammas)
-        scales = {}
+        tokens = {}  # head -> every calibration token's absmax of the input as it will be quantized
+        layer_clip = {}  # head -> (clip, quantile, loss) of the per-layer search
         for head, names in readers.items():
             if head not in xs or float(tmax[head].max()) <= 0:
                 raise CalibrationError(f"{ctx.name}.{head}: calibration never reached this layer with a non-zero "
@@ -191,24 +205,66 @@ class OutlierSuppression(Algorithm):
                 g = gammas[head].cpu()
                 moved = self._search(xs[head] / g, tmax_m[head], [w * g for w in ws], names, ctx.name)
             use_moved = moved is not None and (plain is None or moved[2] < plain[2])
-            clip, quant, loss = moved if use_moved else plain
+            layer_clip[head] = moved if use_moved else plain
+            tokens[head] = tmax_m[head] if use_moved else tmax[head]
             if use_moved:
                 pair = pairs[head]
                 fold_scales(pair.prev, pair.linears, gammas[head], "norm")
                 self.last_gammas[f"{ctx.name}.{pair.prev_name}"] = gammas[head].cpu()
+        if self.clip_search == "layer":
+            clips = {h: (c, q) for h, (c, q, _) in layer_clip.items()}
+        else:
+            clips = self._block_search(ctx, linears, readers, tokens)
+        for head, names in readers.items():
+            clip, quant = clips[head]
             for n in names:
-                scales[n] = clip / QMAX
-                self.clip_log[f"{ctx.name}.{n}"] = {"quantile": quant, "clip": clip, "gamma_migrated": use_moved,
-                                                    "loss": loss,
-                                                    "absmax": float((tmax_m if use_moved else tmax)[head].max())}
-        for n, m in linears.items():
-            q = W8A8Linear.from_weight(linear_weight(m), getattr(m, "bias", None),
-                                       weight_granularity=self.weight_granularity, act_mode="static",
-                                       input_scale=scales[n], name=f"{ctx.name}.{n}")
-            set_module(ctx.block, n, q)
+                self.clip_log[f"{ctx.name}.{n}"] = {"quantile": quant, "clip": clip,
+                                                    "gamma_migrated": f"{ctx.name}.{pairs[head].prev_name}" in
+                                                    self.last_gammas if head in pairs else False,
+                                                    "layer_loss": layer_clip[head][2],
+                                                    "absmax": float(tokens[head].max())}
+        for n, m in self._quantized(ctx, linears, readers, {h: c for h, (c, _) in clips.items()}).items():
+            set_module(ctx.block, n, m)
+
+    def _quantized(self, ctx, linears, readers, clips: dict[str, float]) -> dict[str, W8A8Linear]:
+        out = {}
+        for head, names in readers.items():
+            for n in names:
+                m = linears[n]
+                out[n] = W8A8Linear.from_weight(linear_weight(m), getattr(m, "bias", None),
+                                                weight_granularity=self.weight_granularity, act_mode="static",
+                                                input_scale=clips[head] / QMAX, name=f"{ctx.name}.{n}")
+        return out
+
+    @torch.no_grad()
+    def _block_search(self, ctx, linears, readers, tokens) -> dict[str, tuple[float, float]]:
+        """One quantile for the whole block (every input clipped at that quantile of its own tokens'
+        maxima), chosen by the MSE of the quantized block's output against the float block's on the
+        first `block_chunks` calibration chunks, as the reference implementation picks one ratio for
+        the model by its final output."""
+        chunks = ctx.chunks[: self.block_chunks]
+        inputs = [(c.hidden.to(ctx.device), ctx.kwargs(c)) for c in chunks]
+        want = [call_block(ctx.block, h, kw).float() for h, kw in inputs]  # the folds kept the float function
+        qs = torch.tensor(self.quantiles, dtype=torch.float32)
+        cands = {h: torch.quantile(t.float(), qs).tolist() for h, t in tokens.items()}
+        best, best_loss = 0, float("inf")
+        try:
+            for i in range(len(self.quantiles)):
+                for n, m in self._quantized(ctx, linears, readers, {h: c[i] for h, c in cands.items()}).items():
+                    set_module(ctx.block, n, m)
+                loss = sum(float((call_block(ctx.block, h, kw).float() - w).pow(2).mean())
+                           for (h, kw), w in zip(inputs, want))
+                if loss < best_loss:
+                    best, best_loss = i, loss
+        finally:
+            for n, m in linears.items():
+                set_module(ctx.block, n, m)
+        self.block_log.append({"block": ctx.index, "quantile": self.quantiles[best], "loss": best_loss})
+        return {h: (c[best], self.quantiles[best]) for h, c in cands.items()}
 
     def config(self) -> dict:
         clipped = sum(1 for v in self.clip_log.values() if v["quantile"] < 1.0)
         return {"method": self.name, "gamma_migration": self.gamma_migration, "weights": self.weight_granularity,
-                "activations": "static", "quantiles": self.quantiles, "layers_clipped": clipped,
+                "activations": "static", "quantiles": self.quantiles, "clip_search": self.clip_search,
+                "layers_clipped": clipped,
                 "norms_migrated": len(self.last_gammas)}
