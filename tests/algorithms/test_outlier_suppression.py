@@ -100,7 +100,7 @@ def test_auto_mode_takes_the_lower_error_per_norm():
     for gamma in (True, False, "auto"):
         model = _with_outlier_channels(tiny_model("llama"), scale=80.0)
         r = load_recipe("w8a8-os")
-        alg = OutlierSuppression(r.weights, r.activations, gamma_migration=gamma)
+        alg = OutlierSuppression(r.weights, r.activations, gamma_migration=gamma, clip_search="layer")
         alg.prepare(model, get_adapter(model))
         with torch.no_grad():
             BlockRunner(model, get_adapter(model), IDS, progress=False).run([alg])

@@ -197,15 +197,20 @@ class OutlierSuppression(Algorithm):
             if head not in xs or float(tmax[head].max()) <= 0:
                 raise CalibrationError(f"{ctx.name}.{head}: calibration never reached this layer with a non-zero "
                                        f"input; no static scale can be set")
-            ws = [linear_weight(linears[n]).detach().float().cpu() for n in names]
-            plain = moved = None
-            if self.gamma_migration is not True or head not in gammas:
-                plain = self._search(xs[head], tmax[head], ws, names, ctx.name)
-            if head in gammas:
-                g = gammas[head].cpu()
-                moved = self._search(xs[head] / g, tmax_m[head], [w * g for w in ws], names, ctx.name)
-            use_moved = moved is not None and (plain is None or moved[2] < plain[2])
-            layer_clip[head] = moved if use_moved else plain
+            # the per-layer search is needed for a per-layer clip or to decide on gamma, else skipped
+            use_moved = head in gammas and self.gamma_migration is True
+            if self.clip_search == "layer" or self.gamma_migration == "auto":
+                ws = [linear_weight(linears[n]).detach().float().cpu() for n in names]
+                plain = moved = None
+                if not use_moved:
+                    plain = self._search(xs[head], tmax[head], ws, names, ctx.name)
+                if head in gammas:
+                    g = gammas[head].cpu()
+                    moved = self._search(xs[head] / g, tmax_m[head], [w * g for w in ws], names, ctx.name)
+                use_moved = moved is not None and (plain is None or moved[2] < plain[2])
+                layer_clip[head] = moved if use_moved else plain
+            else:
+                layer_clip[head] = (None, None, None)
             tokens[head] = tmax_m[head] if use_moved else tmax[head]
             if use_moved:
                 pair = pairs[head]
