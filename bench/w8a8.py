@@ -169,8 +169,8 @@ def main() -> None:
                        bits_per_weight=bits_per_weight(q)["bits_per_weight"], **quality(q, ref))
             row["delta_pct"] = 100 * (row["ppl"] / rows[0]["ppl"] - 1)
             rows.append(row)
-            print(f"  {preset}: ppl {row['ppl']:.3f} ({row['delta_pct']:+.2f}%), KL {row['kl']:.4f}, "
-                  f"top-1 {row['top1_agreement']:.3f}, {qtime:.1f} s", flush=True)
+            print(f"  {preset}: {row['bits_per_weight']:.2f} bits/weight, ppl {row['ppl']:.3f} ({row['delta_pct']:+.2f}%), "
+                  f"KL {row['kl']:.4f}, top-1 {row['top1_agreement']:.3f}, {qtime:.1f} s", flush=True)
             del q
         result["rows"] = rows
         print()
