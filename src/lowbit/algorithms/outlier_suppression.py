@@ -116,7 +116,8 @@ class OutlierSuppression(Algorithm):
             raise SpecError(f"Outlier Suppression calibrates static per-tensor activations (granularity tensor, "
                             f"dynamic false); the recipe has {activations}")
         if not (isinstance(gamma_migration, bool) or gamma_migration == "auto"):
-            raise SpecError(f"outlier_suppression: gamma_migration must be true, false or auto, got {gamma_migration!r}")
+            raise SpecError(f"outlier_suppression: gamma_migration must be true, false or auto, "
+                            f"got {gamma_migration!r}")
         qs = list(quantiles) if isinstance(quantiles, (list, tuple)) else None
         if not qs or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in qs):
             raise SpecError(f"outlier_suppression: quantiles must be a list of numbers in (0, 1], got {quantiles!r}")

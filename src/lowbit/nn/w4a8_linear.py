@@ -54,7 +54,8 @@ def int4_weight(weight: torch.Tensor, granularity: str, group_size: int | None =
     `[out, in / G]` or None) of a float weight; see the module docstring for each granularity."""
     w = _check_weight(weight, name)
     if granularity not in WEIGHT_GRANULARITIES:
-        raise SpecError(f"layer {name or '?'}: int4 weights are per 'tensor', 'channel' or 'group', got {granularity!r}")
+        raise SpecError(f"layer {name or '?'}: int4 weights are per 'tensor', 'channel' or 'group', "
+                        f"got {granularity!r}")
     if granularity == "tensor":
         s = (w.abs().amax() / _HALF_RANGE).clamp(min=1e-12).reshape(1)
         return torch.clamp(torch.round(w / s), INT4_MIN, INT4_MAX).to(torch.int8), s, None
@@ -182,6 +183,7 @@ class W4A8Linear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        g = f"g{self.group_size} (two-level)" if self.weight_granularity == "group" else f"per-{self.weight_granularity}"
+        g = (f"g{self.group_size} (two-level)" if self.weight_granularity == "group"
+             else f"per-{self.weight_granularity}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight=int4 {g}, "
                 f"act=per_token int8, bias={self.bias is not None}")
