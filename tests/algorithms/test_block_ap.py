@@ -15,7 +15,7 @@ from lowbit.recipes import Recipe
 from ..conftest import tiny_model
 
 SPEC = QuantSpec(bits=3, symmetric=False, granularity=PerGroup(32))
-FAST = dict(epochs=4, lr=1e-3, scale_lr=1e-3, autocast=None, progress=False)
+FAST = dict(epochs=4, lr=1e-3, scale_lr=1e-3, autocast=None)
 
 
 def _samples(n=12, length=32, seed=0):

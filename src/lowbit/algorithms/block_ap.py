@@ -107,12 +107,11 @@ class BlockAP(Algorithm):
     propagate = "quantized"
     needs_float_outputs = True
 
-    def __init__(self, spec: QuantSpec, progress: bool = True, **settings):
+    def __init__(self, spec: QuantSpec, **settings):
         if spec.is_codebook:
             raise SpecError(f"block_ap trains integer grids only, got {spec}")
         self.spec = spec
         self.settings = BlockAPConfig.from_dict(settings)
-        self.progress = progress
         # the runner's calibration forwards (targets, the next block's inputs) in the training dtype
         self.forward_dtype = getattr(torch, self.settings.autocast) if self.settings.autocast else None
         self.history: list[dict] = []  # per block: losses and time
@@ -177,7 +176,7 @@ class BlockAP(Algorithm):
             opt = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
             params = [p for g in groups for p in g["params"]]
             bar = tqdm(total=total, desc=f"block_ap {ctx.name}", unit="step", leave=False,
-                       disable=not self.progress)
+                       disable=not ctx.progress)
             step = 0
             with torch.enable_grad():
                 for epoch in range(c.epochs):

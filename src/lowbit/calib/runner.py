@@ -122,6 +122,7 @@ class BlockContext:
     state: dict = field(default_factory=dict)  # algorithms may leave notes for the ones after them
     # bf16: the block's calibration forwards run under autocast (AMX), 3-4x faster than fp32 here
     forward_dtype: torch.dtype | None = None
+    progress: bool = True  # whether algorithms that take long inside a block may show a progress bar
 
     def autocast(self):
         if self.forward_dtype in (None, torch.float32):
@@ -264,7 +265,7 @@ class BlockRunner:
         for i in bar:
             block = self.blocks[i].to(self.device)
             ctx = BlockContext(i, f"{prefix}.{i}", block, self.adapter, self.device, self.chunks,
-                               forward_dtype=getattr(algorithms[-1], "forward_dtype", None))
+                               forward_dtype=getattr(algorithms[-1], "forward_dtype", None), progress=self.progress)
             if calibrated and targets:
                 # before any step touches the block; from the float stream where one is kept apart
                 if separate:

@@ -279,21 +279,22 @@ class _FakeQuantInt(torch.autograd.Function):
         spec = ctx.spec
         v = xg / sg
         if zg is not None:
-            v = v + zg
+            v.add_(zg)
         r = torch.round(v)
-        inside = (r >= spec.qmin) & (r <= spec.qmax)
-        gx = g * inside if ctx.needs_input_grad[0] else None
+        inside = (r >= spec.qmin).logical_and_(r <= spec.qmax)
+        # in place where it can be: Block-AP runs this on every weight of a block at every step
+        gx = g * inside if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else None
         gs = None
         if ctx.needs_input_grad[1]:
-            q = r.clamp_(spec.qmin, spec.qmax)
             # LSQ: d out / d scale = q - v inside the grid, the clipped code (minus zero) outside
-            term = torch.where(inside, q - v, q - zg if zg is not None else q)
-            gs = (g * term).sum_to_size(sg.shape)
+            q = r.clamp_(spec.qmin, spec.qmax)
+            q.sub_(torch.where(inside, v, zg if zg is not None else 0.0))
+            gs = q.mul_(g).sum_to_size(sg.shape)
         gz = None
         if zg is not None and ctx.needs_input_grad[2]:
             # out = (clamp(round(x / s) + z) - z) * s: z cancels inside the grid, leaves -s where clipped
-            gz = (g * torch.where(inside, 0.0, -sg)).sum_to_size(zg.shape)
-        return gx, gs, gz, None
+            gz = (gx - g).sum(-1, keepdim=True).mul_(sg).sum_to_size(zg.shape)
+        return (gx if ctx.needs_input_grad[0] else None), gs, gz, None
 
 
 class _GradScale(torch.autograd.Function):
