@@ -100,6 +100,8 @@ def lowbit_quantize(args: argparse.Namespace, damp: float | None, samples):
             raise RuntimeError(f"recipe {name} has no gptq step")
         for step in steps:
             step.update(act_order=args.act_order, static_groups=args.static_groups)
+            if args.asym_calib is not None:
+                step["asym_calib"] = args.asym_calib
             if damp is not None:
                 step["percdamp"] = damp
         run.percdamp = steps[-1].get("percdamp", DEFAULT_DAMP["lowbit"])
@@ -123,6 +125,9 @@ def main() -> None:
     ap.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric with a zero point)")
     ap.add_argument("--gptqmodel-gar", action="store_true",
                     help="leave GPTQModel's act_group_aware column reordering on (its default)")
+    ap.add_argument("--asym-calib", type=float, default=None, metavar="ALPHA",
+                    help="asymmetric calibration (fit the float model's outputs) with this alpha: lowbit's "
+                         "asym_calib and GPTQModel's GPTAQ; llm-compressor has none and runs plain GPTQ")
     ap.add_argument("--lowbit-recipe", default=None,
                     help="lowbit preset or YAML with a gptq step (default: w{bits}a16-gptq)")
     args = ap.parse_args()
@@ -148,12 +153,16 @@ def main() -> None:
         flags = ["--sym"] * args.sym + ["--act-order"] * args.act_order
         if method == "gptqmodel":
             flags += ["--static-groups"] * args.static_groups + ["--gar"] * args.gptqmodel_gar
+            if args.asym_calib is not None:
+                flags += ["--gptaq", str(args.asym_calib)]
         if damp[method] is not None:
             flags += ["--damp", str(damp[method])]
         row = bench.peer_row(method, PEERS[method], flags, **extra)
         used = (row.get("config") or {}).get("damp_percent" if method == "gptqmodel" else "dampening_frac")
         if used is not None:
             row["damp"] = used
+        if method == "llmcompressor" and args.asym_calib is not None:
+            row["notes"].append("no asymmetric calibration in llm-compressor: plain GPTQ")
         if method == "llmcompressor" and args.act_order and not args.static_groups:
             row["notes"].append("act-order with static groups (actorder='weight'): the only act-order its GPTQ has")
 
@@ -164,7 +173,8 @@ def main() -> None:
                         f"{r['damp']:g}{'' if r.get('damp_source') == 'set' else ' (default)'}"),
                        ("column order", lambda r: r.get("column_order", "–"))],
         extra_json={"damp": {m: damp[m] for m in methods}, "act_order": args.act_order,
-                    "static_groups": args.static_groups, "gptqmodel_gar": args.gptqmodel_gar},
+                    "static_groups": args.static_groups, "gptqmodel_gar": args.gptqmodel_gar,
+                    "asym_calib": args.asym_calib},
         timing="the quantize call only (model load excluded; every method starts from the same token ids, "
                "nothing is tokenized in the timed span; GPTQModel's includes packing its modules)")
 

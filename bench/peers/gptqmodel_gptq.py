@@ -42,6 +42,7 @@ def gptq_options(ap) -> None:
     ap.add_argument("--act-order", action="store_true", help="desc_act")
     ap.add_argument("--static-groups", action="store_true")
     ap.add_argument("--gar", action="store_true", help="act_group_aware (GPTQModel's default; off here)")
+    ap.add_argument("--gptaq", type=float, default=None, help="GPTAQ (asymmetric calibration) with this alpha")
 
 
 def dense_weight(module, bits: int, packable_cls) -> tuple[torch.Tensor, int]:
@@ -78,7 +79,7 @@ def main() -> None:
     import transformers
     from gptqmodel import GPTQModel
     from gptqmodel.nn_modules.qlinear import PackableQuantLinear
-    from gptqmodel.quantization.config import GPTQConfig
+    from gptqmodel.quantization.config import GPTAQConfig, GPTQConfig
 
     notes = []
     ids = load_calibration(args.samples, log, args.samples_sha256)
@@ -90,6 +91,8 @@ def main() -> None:
                offload_to_disk=False)
     if args.damp is not None:
         cfg["damp_percent"] = args.damp
+    if args.gptaq is not None:
+        cfg["gptaq"] = GPTAQConfig(alpha=args.gptaq, device="cpu")
     qcfg = GPTQConfig(**cfg)
     log(f"loading {args.model}")
     model = GPTQModel.load(args.model, qcfg, device="cpu", dtype=torch.float32)
@@ -99,6 +102,7 @@ def main() -> None:
 
     log(f"quantize W{args.bits} g{args.group_size} {'sym' if args.sym else 'asym'} damp {qcfg.damp_percent} "
         f"desc_act {qcfg.desc_act} static_groups {qcfg.static_groups} act_group_aware {qcfg.act_group_aware} "
+        f"gptaq {qcfg.gptaq} "
         f"(gptqmodel {gptqmodel.__version__}, CPU workers {os.environ['GPTQMODEL_CPU_WORKERS']})")
     _, quant_seconds, quant_cpu_seconds = timed(lambda: model.quantize(calibration, batch_size=1))
     log(f"quantize done in {quant_seconds:.1f} s (CPU time {quant_cpu_seconds:.1f} s)")

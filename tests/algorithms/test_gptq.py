@@ -154,3 +154,56 @@ def test_bf16_forwards_stay_close_to_float32():
         with torch.no_grad():
             errs[dt] = float((q(ids).logits - ref).norm() / ref.norm())
     assert errs["bfloat16"] < 1.1 * errs["float32"]
+
+
+def test_asym_calib_without_input_mismatch_is_gptq():
+    """With X_fp = X_q the cross term is 0: asymmetric calibration must give GPTQ's codes exactly."""
+    torch.manual_seed(3)
+    x = correlated_inputs()
+    w = torch.randn(16, 64)
+    h = Hessian(64, "cpu", targets=[x.clone()])
+    h.add(x)
+    assert float(h.C.abs().max()) == 0
+    a = gptq_quantize(w, h.H, spec(3), 16, act_order=True)
+    b = gptq_quantize(w, h.H, spec(3), 16, act_order=True, C=h.C, asym_calib=0.5)
+    assert torch.equal(a["codes"], b["codes"]) and torch.equal(a["weight"], b["weight"])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_asym_calib_fits_the_float_outputs_better(act_order):
+    """Inputs that earlier quantized layers perturbed (X_q = X_fp + noise): asymmetric calibration,
+    fitting Q X_q to W X_fp, must leave a smaller error against the float outputs than GPTQ, which fits
+    W X_q (measured: about 0.85x at 4 bits here)."""
+    errs = {"gptq": [], "asym": []}
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        x_fp = correlated_inputs(seed=seed)
+        x_q = x_fp + 0.3 * x_fp.std(0) * torch.randn(x_fp.shape, generator=g)
+        w = torch.randn(32, 64, generator=g)
+        h = Hessian(64, "cpu", targets=list(x_fp.split(128)))
+        for part in x_q.split(128):
+            h.add(part)
+        for name, alpha in (("gptq", 0.0), ("asym", 1.0)):
+            r = gptq_quantize(w, h.H, spec(4), 16, act_order=act_order, C=h.C, asym_calib=alpha)
+            errs[name].append(float((x_fp @ w.t() - x_q @ r["weight"].t()).pow(2).mean()))
+    assert sum(errs["asym"]) < 0.9 * sum(errs["gptq"]), errs
+
+
+def test_asym_calib_model_quantizes_and_beats_gptq_on_calibration_data():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    errs = {}
+    for alpha in (0.0, 0.5):
+        rec = load_recipe("w3a16-gptq", group_size=16)
+        rec.steps[0]["asym_calib"] = alpha
+        q = lowbit.quantize(copy.deepcopy(model), rec, calib=ids, progress=False)
+        with torch.no_grad():
+            errs[alpha] = float((q(ids).logits - ref).norm() / ref.norm())
+    assert errs[0.5] < errs[0.0], errs
+
+
+def test_asym_calib_checked():
+    with pytest.raises(ValueError, match="asym_calib"):
+        GPTQ(spec(), asym_calib=2.0)

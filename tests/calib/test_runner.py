@@ -97,3 +97,37 @@ def test_float_outputs_come_from_the_float_stream_while_quantized_outputs_propag
     assert not torch.allclose(inputs[1], ref[1], rtol=1e-3, atol=1e-3)  # block 1 got the damaged outputs
     for i in range(1, len(targets) - 1):
         torch.testing.assert_close(targets[i], ref[i + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_float_inputs_of_named_linears_come_from_the_float_model(tiny_llama):
+    """Algorithm.float_input_names: the inputs those linears get in the float model, recorded in the
+    runner's float forward, even though the propagated (damaged) stream feeds the block otherwise."""
+    model = tiny_llama
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    want = {}
+    hooks = [get_module(b, "mlp.down_proj").register_forward_pre_hook(
+        lambda _m, a, i=i: want.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]).clone()))
+        for i, b in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    got, seen = {}, {}
+
+    class Damage(Algorithm):
+        needs_float_outputs = True
+
+        def float_input_names(self, ctx):
+            return ["mlp.down_proj"]
+
+        def quantize_block(self, ctx):
+            got[ctx.index] = torch.cat(ctx.float_inputs_of["mlp.down_proj"])
+            ctx.run_inputs(["mlp.down_proj"], lambda n, x: seen.setdefault(ctx.index, []).append(x))
+            ctx.block.mlp.down_proj.weight.mul_(0.5)
+
+    with torch.no_grad():
+        BlockRunner(model, get_adapter(model), ids, batch_size=2, progress=False).run([Damage()])
+    assert len(got) == model.config.num_hidden_layers
+    for i in got:
+        torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(torch.cat(seen[1]), want[1], rtol=1e-3, atol=1e-3)  # the propagated stream differs

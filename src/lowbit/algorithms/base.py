@@ -22,6 +22,12 @@ class Algorithm:
     # states, computed by the runner before any step changes the block).
     needs_float_outputs: bool = False
 
+    def float_input_names(self, ctx) -> list[str]:
+        """Submodules of the block whose inputs on the float model's hidden states quantize_block reads
+        (`ctx.float_inputs_of[name]`, one tensor per calibration batch); the runner records them during
+        the forward that produces ctx.float_outputs, so they cost no extra pass."""
+        return []
+
     def prepare(self, model: nn.Module, adapter) -> None:
         pass
 

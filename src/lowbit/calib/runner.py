@@ -119,6 +119,9 @@ class BlockContext:
     chunks: list[Chunk] = field(default_factory=list)
     # per chunk [b, L, hidden]: the untouched block on the float model's hidden states, when asked for
     float_outputs: list[torch.Tensor] | None = None
+    # {submodule name: its input [tokens, in] per chunk} in that same float forward, for the names
+    # algorithms ask for (Algorithm.float_input_names)
+    float_inputs_of: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # algorithms may leave notes for the ones after them
     # bf16: the block's calibration forwards run under autocast (AMX), 3-4x faster than fp32 here
     forward_dtype: torch.dtype | None = None
@@ -157,6 +160,14 @@ class BlockContext:
         module = self.block if module is None else module
         with self.autocast():
             return [call_block(module, h, kw) for h, kw in (self.float_inputs() if float_inputs else self.inputs())]
+
+    @torch.no_grad()
+    def forward_recording(self, names: list[str], *, float_inputs: bool = False) -> tuple[list, dict]:
+        """`forward` that also returns {name: that submodule's input [tokens, in] per chunk}."""
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        with self.hook_inputs(names, lambda n, x: got[n].append(x.clone())):
+            outs = self.forward(float_inputs=float_inputs)
+        return outs, got
 
     @contextmanager
     def hook_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None]):
@@ -268,7 +279,10 @@ class BlockRunner:
                                forward_dtype=getattr(algorithms[-1], "forward_dtype", None), progress=self.progress)
             if calibrated and targets:
                 # before any step touches the block; from the float stream where one is kept apart
-                if separate:
+                names = sorted({n for a in algorithms for n in a.float_input_names(ctx)})
+                if names:
+                    ctx.float_outputs, ctx.float_inputs_of = ctx.forward_recording(names, float_inputs=separate)
+                elif separate:
                     ctx.float_outputs = ctx.forward(float_inputs=True)
                 elif not getattr(algorithms[0], "records_float_outputs", False):
                     # (a first algorithm that runs the untouched block anyway records them for us)
