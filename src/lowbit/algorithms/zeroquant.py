@@ -37,6 +37,20 @@ if its loss went down, so a block LKD overfits keeps its round-to-nearest weight
 weights are then packed on the same grid, so the packed module computes what the student did. Only
 the linear weights are tuned (norms and biases stay). Each block's held-out loss before and after
 is kept in `lkd_log`.
+
+Measured on SmolLM2-135M (bench/w8a8.py, WikiText-2 test 40 x 512, calibration 16 x 512 tokens of
+WikiText-2 validation, checkpoints saved in lowbit's format and reloaded; one thread, run under the
+shared lock, load average about 1 at its end; float perplexity 29.19, naive W8A8 72.00 in the same
+settings, see the README):
+
+    preset            bits/weight   ppl     Δppl %   KL       top-1   quantize
+    w8a8-zeroquant    8.05          30.25   +3.62    0.0377   0.881   1.7 s
+    w4a8 (no LKD)     4.17          44.99   +54.15   0.5099   0.619   7.0 s
+    w4a8-zeroquant    4.17          39.32   +34.71   0.3574   0.679   240 s  (LKD, 20 steps/block)
+
+`w4a8` is `w4a8-zeroquant`'s grid rounded to nearest, so the last two rows are LKD's effect. The 64
+row groups cost w8a8-zeroquant against one scale per row: w8a8-sq-o1 (per-channel weights, per-token
+activations, SmoothQuant) measured +0.92% in the same settings.
 """
 
 from __future__ import annotations

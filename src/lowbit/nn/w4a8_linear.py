@@ -21,6 +21,12 @@ Weight granularities and how they are rounded (`int4_weight`):
   integers: a group much smaller than its row's largest is rounded more coarsely than a float
   per-group scale would (k = 1 is the floor); the test in tests/nn bounds the loss against float
   per-group int4 on random weights.
+
+The `w4a8` preset (groups of 64) on SmolLM2-135M, WikiText-2 test 40 x 512, reloaded from lowbit's
+format: 4.17 bits/weight, perplexity 44.99 against 29.19 in float (+54.15%), KL 0.5099, top-1 0.619
+(bench/w8a8.py, one thread; per-token int8 activations included). With ZeroQuant's LKD on the same
+grid (`w4a8-zeroquant`): 39.32 (+34.71%). `group_scale` keeps a byte per group although k needs 4 bits
+(0.06 bits/weight at G = 64).
 """
 
 from __future__ import annotations
