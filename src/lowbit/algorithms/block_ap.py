@@ -23,6 +23,18 @@ gradient norm clipped at 0.3, two windows per step; zero points are float parame
 clamped into the code range) straight-through, so they pack as integers. The data order is a function
 of (seed, block, epoch), so a run is deterministic. Forwards and backwards run under bf16 autocast.
 
+What the small calibration sets this runs on allow (SmolLM2-135M W3 g64, a shared 2-core CPU, one
+thread): a Block-AP step of one block on 2 x 512 tokens takes about 0.3-0.5 s, so two epochs over 64
+windows are ~20 s a block, ~10 min for the model, i.e. 64 steps a block where EfficientQAT takes
+thousands. At that step count EfficientQAT's rates do little and larger ones hurt. Pilots on the first
+3 blocks (16 windows, 16 steps a block; validation MSE on 8 other windows against the GPTQ start):
+scale_lr 1e-3 raised every block's error 1.2-2.7x (from GPTQ and from AWQ + GPTQ alike; a step size of
+~0.02-0.05 moved by 1e-3 a step); scale_lr 1e-5 with weight lr 1e-4..3e-3 kept it within 1%; starting
+from round-to-nearest on the float weights (EfficientQAT's own start) lowered block 0's error by 1.6%
+but left it 4x GPTQ's. A PTQ start hands Block-AP latent weights that sit exactly on their grid: a code
+flips only once its weight has moved half a step, and LSQ's scale gradient round(v) - v starts at 0,
+which is why so few steps change so little. The presets therefore use weight lr 1e-3 and scale lr 1e-5.
+
 Every calibration window must share the block's keyword arguments (same length, no padding, which
 is how lowbit cuts calibration text): one window's masks and rotary embeddings then serve any batch.
 """
