@@ -100,8 +100,7 @@ def lowbit_quantize(args: argparse.Namespace, damp: float | None, samples):
             raise RuntimeError(f"recipe {name} has no gptq step")
         for step in steps:
             step.update(act_order=args.act_order, static_groups=args.static_groups)
-            if args.asym_calib is not None:
-                step["asym_calib"] = args.asym_calib
+            step["asym_calib"] = args.asym_calib
             if damp is not None:
                 step["percdamp"] = damp
         run.percdamp = steps[-1].get("percdamp", DEFAULT_DAMP["lowbit"])
@@ -125,9 +124,10 @@ def main() -> None:
     ap.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric with a zero point)")
     ap.add_argument("--gptqmodel-gar", action="store_true",
                     help="leave GPTQModel's act_group_aware column reordering on (its default)")
-    ap.add_argument("--asym-calib", type=float, default=None, metavar="ALPHA",
+    ap.add_argument("--asym-calib", type=float, default=0.0, metavar="ALPHA",
                     help="asymmetric calibration (fit the float model's outputs) with this alpha: lowbit's "
-                         "asym_calib and GPTQModel's GPTAQ; llm-compressor has none and runs plain GPTQ")
+                         "asym_calib and GPTQModel's GPTAQ; llm-compressor has none and runs plain GPTQ. "
+                         "Default 0: plain GPTQ everywhere (w3a16-gptq's own 0.25 is overridden)")
     ap.add_argument("--lowbit-recipe", default=None,
                     help="lowbit preset or YAML with a gptq step (default: w{bits}a16-gptq)")
     args = ap.parse_args()
@@ -153,7 +153,7 @@ def main() -> None:
         flags = ["--sym"] * args.sym + ["--act-order"] * args.act_order
         if method == "gptqmodel":
             flags += ["--static-groups"] * args.static_groups + ["--gar"] * args.gptqmodel_gar
-            if args.asym_calib is not None:
+            if args.asym_calib:
                 flags += ["--gptaq", str(args.asym_calib)]
         if damp[method] is not None:
             flags += ["--damp", str(damp[method])]
@@ -161,7 +161,7 @@ def main() -> None:
         used = (row.get("config") or {}).get("damp_percent" if method == "gptqmodel" else "dampening_frac")
         if used is not None:
             row["damp"] = used
-        if method == "llmcompressor" and args.asym_calib is not None:
+        if method == "llmcompressor" and args.asym_calib:
             row["notes"].append("no asymmetric calibration in llm-compressor: plain GPTQ")
         if method == "llmcompressor" and args.act_order and not args.static_groups:
             row["notes"].append("act-order with static groups (actorder='weight'): the only act-order its GPTQ has")
