@@ -9,7 +9,11 @@ is where bad input is refused, before minutes of calibration), `finalize` once a
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
+
+from ..errors import SpecError
 
 
 class Algorithm:
@@ -40,3 +44,12 @@ class Algorithm:
     def config(self) -> dict:
         """What the checkpoint records about how it was made."""
         return {"method": self.name}
+
+
+def settings_from_dict(cls, d: dict, method: str):
+    """A settings dataclass from a recipe step's keys, refusing the ones it does not have by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise SpecError(f"{method}: unknown settings {sorted(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**d)

@@ -56,7 +56,7 @@ from ..errors import CalibrationError, SpecError
 from ..models import is_linear, set_module
 from ..nn import FakeQuantLinear, WQLinear
 from ..quant import QuantSpec
-from .base import Algorithm
+from .base import Algorithm, settings_from_dict
 from .rtn import check_weights
 
 
@@ -85,11 +85,7 @@ class BlockAPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BlockAPConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"block_ap: unknown settings {sorted(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return settings_from_dict(cls, d, "block_ap")
 
 
 def _one_window(obj, n: int):

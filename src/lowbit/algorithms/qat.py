@@ -67,7 +67,7 @@ from ..errors import CalibrationError, CheckpointError, LowbitError, SpecError
 from ..models import block_linears, get_adapter, get_blocks, is_linear, set_module, untied_state_dict
 from ..nn import FakeQuantLinear, WQLinear
 from ..quant import QuantSpec
-from .base import Algorithm
+from .base import Algorithm, settings_from_dict
 
 STATE_VERSION = 1
 
@@ -110,11 +110,7 @@ class QATConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QATConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"qat: unknown settings {sorted(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
+        return settings_from_dict(cls, d, "qat")
 
 
 class QAT(Algorithm):
