@@ -227,3 +227,145 @@ def test_every_objective_keeps_the_float_function_and_beats_rtn_on_outliers(obje
     lowbit.quantize(model, awq_recipe(bits=3, objective=objective), ids, progress=False)
     err = {n: float((logits(m, ids) - ref).norm() / ref.norm()) for n, m in (("awq", model), ("rtn", rtn))}
     assert err["awq"] < err["rtn"], err
+
+
+def test_group_block_statistics_match_the_whole_second_moment():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, 96, generator=g) * torch.linspace(0.1, 6, 96)
+    whole = InputStats.of(x[:100])
+    whole.add(x[100:])
+    blocks = InputStats.of(x[:100], group_size=32)
+    blocks.add(x[100:])
+    assert blocks.gram is None and blocks.blocks.shape == (3, 32, 32)
+    torch.testing.assert_close(blocks.group_blocks(32), whole.group_blocks(32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blocks.x_mean, whole.x_mean)
+    s = torch.rand(96, generator=g) + 0.5
+    torch.testing.assert_close(blocks.scaled(s).group_blocks(32), whole.scaled(s).group_blocks(32), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        blocks.group_blocks(16)  # the groups it was built for, nothing else
+    with pytest.raises(RuntimeError):
+        search_best_scale([torch.randn(8, 96, generator=g)], blocks, QuantSpec(bits=4, granularity=PerGroup(32)))
+    # bf16 products summed in float32: each chunk's G rounds to bf16 (2^-9 relative), nothing accumulates there
+    low = InputStats.of(x[:100], dtype=torch.bfloat16)
+    low.add(x[100:])
+    torch.testing.assert_close(low.gram, whole.gram, rtol=1e-2, atol=1e-2 * float(whole.gram.abs().max()))
+
+
+def test_bf16_output_error_keeps_the_grid_order():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2000, 128, generator=g) * torch.linspace(0.1, 6, 128)
+    gram = x.t() @ x / x.shape[0]
+    d = torch.randn(6, 64, 128, generator=g) * torch.linspace(0.5, 1.5, 6)[:, None, None]
+    exact = output_error(d, gram)
+    low = output_error(d.bfloat16(), gram.bfloat16())
+    torch.testing.assert_close(low, exact, rtol=5e-3, atol=0)
+    assert torch.equal(low.argsort(), exact.argsort())
+
+
+@pytest.mark.parametrize("mode", ["range", "asym"])
+def test_asymmetric_clip_modes_never_lose_to_no_clip_and_asym_never_to_range(mode):
+    g = torch.Generator().manual_seed(9)
+    spec = QuantSpec(bits=3, symmetric=False, granularity=PerGroup(32))
+    w = torch.randn(64, 128, generator=g) + 0.3  # off-centre groups, where the two sides differ
+    w[torch.rand(64, 128, generator=g) < 0.02] *= 6
+    x = torch.randn(800, 128, generator=g)
+    x[:, :4] *= 10
+    st = InputStats.of(x)
+    errs = {}
+    for m in ("abs", "range", "asym"):
+        ratios = search_best_clip(w, st, spec, max_shrink=0.5, clip_grid=20, mode=m)
+        assert ratios.shape == ((64, 4, 2) if m == "asym" else (64, 4))
+        assert bool((ratios > 0.5).all() and (ratios <= 1).all())
+        lin = torch.nn.Linear(128, 64, bias=False)
+        lin.weight.data.copy_(w)
+        apply_clip(lin, ratios, m)
+        errs[m] = group_output_error(w, pseudo_quantize_tensor(lin.weight, spec), x, 32)
+    err_none = group_output_error(w, pseudo_quantize_tensor(w, spec), x, 32)
+    tol = 1 + 1e-4
+    assert bool((errs[mode] <= err_none * tol + 1e-9).all())
+    assert float(errs[mode].sum()) < float(err_none.sum())
+    if mode == "asym":  # its first pass is "range", and later passes keep each group's choice as a candidate
+        assert bool((errs["asym"] <= errs["range"] * tol + 1e-9).all())
+
+
+def test_asym_clip_clamps_each_side_by_its_own_ratio():
+    w = torch.tensor([[-2.0, -1.0, 0.5, 4.0]])
+    lin = torch.nn.Linear(4, 1, bias=False)
+    lin.weight.data.copy_(w)
+    apply_clip(lin, torch.tensor([[[0.75, 0.5]]]), "asym")  # lower side to -1.5, upper to 2
+    torch.testing.assert_close(lin.weight.data, torch.tensor([[-1.5, -1.0, 0.5, 2.0]]))
+    lin.weight.data.copy_(w)
+    apply_clip(lin, torch.tensor([[0.75]]), "range")  # [-1.5, 3]
+    torch.testing.assert_close(lin.weight.data, torch.tensor([[-1.5, -1.0, 0.5, 3.0]]))
+    lin.weight.data.copy_(w)
+    apply_clip(lin, torch.tensor([[0.75]]), "abs")  # [-3, 3]: the lower side is untouched
+    torch.testing.assert_close(lin.weight.data, torch.tensor([[-2.0, -1.0, 0.5, 3.0]]))
+
+
+def test_duo_scaling_both_holds_the_identity_and_both_families():
+    from lowbit.algorithms.awq import scale_grid
+
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(16, 64, generator=g)
+    x_mean = torch.rand(64, generator=g) * 5 + 0.1
+    both = scale_grid(w, x_mean, 32, n_grid=20, duo_scaling="both")
+    assert both.shape == (20, 64)
+    torch.testing.assert_close(both[0], torch.ones(64))  # a = 0 without w_mean: no scaling at all
+    # a = 1 ends each family: x_mean alone, normalised
+    top = x_mean / (x_mean.max() * x_mean.min()).sqrt()
+    torch.testing.assert_close(both[9], top)
+    assert not torch.allclose(both[10], both[0])  # a = 0 with w_mean: 1 / w_mean
+
+
+def test_awq_options_round_trip_and_bad_values_are_refused():
+    from lowbit.errors import SpecError
+
+    spec = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32))
+    alg = AWQ(spec, clip_mode="asym", duo_scaling="both", stats_dtype="float32", forward_dtype="bfloat16")
+    cfg = alg.config()
+    assert (cfg["clip_mode"], cfg["duo_scaling"], cfg["stats_dtype"], cfg["forward_dtype"]) == (
+        "asym", "both", "float32", "bfloat16")
+    assert alg.forward_dtype is torch.bfloat16
+    for bad in ({"clip_mode": "minmax"}, {"duo_scaling": "yes"}, {"stats_dtype": "float16"},
+                {"forward_dtype": "int8"}):
+        with pytest.raises(SpecError):
+            AWQ(spec, **bad)
+
+
+@pytest.mark.parametrize("step", [{"clip_mode": "asym"}, {"duo_scaling": "both"}, {"forward_dtype": "bfloat16"}])
+def test_awq_variants_beat_rtn_on_outliers(step):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, [3, 17, 40, 58]] *= 20.0
+    ids = calib_ids(n=4, length=64)
+    ref = logits(model, ids)
+    rtn = copy.deepcopy(model)
+    lowbit.quantize(rtn, load_recipe("w3a16-rtn", group_size=32), progress=False)
+    lowbit.quantize(model, awq_recipe(bits=3, **step), ids, progress=False)
+    err = {n: float((logits(m, ids) - ref).norm() / ref.norm()) for n, m in (("awq", model), ("rtn", rtn))}
+    assert err["awq"] < err["rtn"], err
+
+
+def test_coarse_grid_scores_a_subset_exactly_and_finds_a_single_minimum():
+    from lowbit.algorithms.awq import scale_grid, search_best_scale_output
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, [3, 17, 40, 58]] *= 20.0
+    block, _, _, x_mlp = _attention_and_mlp_inputs(model, calib_ids(n=4, length=32))
+    spec = QuantSpec(bits=3, symmetric=False, granularity=PerGroup(32))
+    lins = [block.mlp.gate_proj, block.mlp.up_proj]
+    w = torch.cat([m.weight.float() for m in lins])
+    cand = scale_grid(w, x_mlp.reshape(-1, x_mlp.shape[-1]).abs().mean(0), 32, n_grid=20)
+    before = [m.weight.clone() for m in lins]
+    best, full = search_best_scale_output(lins, block.mlp, [x_mlp], [{}], cand, spec, torch.float32)
+    got, part = search_best_scale_output(lins, block.mlp, [x_mlp], [{}], cand, spec, torch.float32, coarse=3)
+    assert all(torch.equal(m.weight, b) for m, b in zip(lins, before))  # restored
+    scored = ~part.isnan()
+    assert 8 <= int(scored.sum()) <= 12 and bool(scored[torch.arange(0, 20, 3)].all()) and bool(scored[19])
+    torch.testing.assert_close(part[scored], full[scored])
+    # the coarse pass's pick is the best of what it scored, and where the full curve has one minimum, the full pick
+    assert got == int(torch.where(scored, part, torch.inf).argmin())
+    d = full.diff().sign()
+    if int((d[1:] != d[:-1]).sum()) <= 1:
+        assert got == best

@@ -28,7 +28,14 @@ Where this departs from AutoAWQ, and why:
   every sequence for the MLP) in bf16, where AutoAWQ runs every token in the model's dtype. On the
   same setting 512 bf16 tokens (the default) gave 33.77 in 41 s, 1024 gave 33.40 in 54 s.
 - The clip search sees every calibration token (AutoAWQ samples 512): the per-group second moments
-  cost the same whatever the token count.
+  cost the same whatever the token count. Only linears whose scale is scored from X^T X keep the
+  whole matrix; the others keep its diagonal group blocks (group / in of the work), and the
+  products run in bf16, summed in float32 (`stats_dtype`).
+- `clip_mode`: "abs" is AutoAWQ's clamp to +-r max|w|; "range" and "asym" shrink the lower and
+  upper ends of an asymmetric group's range (by one ratio, or each by its own), see CLIP_MODES.
+- `duo_scaling="both"` is llm-compressor's grid (half the points without w_mean, the identity
+  among them); `grid_stride` > 1 scores a coarse subset of the grid at the module's output, then
+  the points around its best.
 - Pseudo-quantization is the one WQLinear stores (the range holds 0, scales rounded up to fp16), so
   the search scores exactly the weights that get packed.
 
@@ -41,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import inspect as pyinspect
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -53,6 +61,7 @@ from ..nn import WQLinear
 from ..nn.wq_linear import fp16_scale
 from ..quant import PerGroup, QuantSpec, quantize_dequantize
 from ..quant.primitives import _range_qparams
+from ..errors import SpecError
 from .base import Algorithm
 from .rtn import check_weights
 
@@ -99,27 +108,55 @@ def pseudo_quantize_tensor(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 @dataclass
 class InputStats:
-    """What the output-error objective needs of one linear input X `[n, in]`: G = X^T X and sum |x|."""
+    """What the output-error objective needs of one linear input X `[n, in]`: G = X^T X (whole, or only
+    its diagonal blocks of one weight group each) and sum |x|.
 
-    gram: torch.Tensor  # [in, in] float32
+    Each chunk's product runs in `dtype` and is summed in float32: bf16 runs the products 2-3x faster
+    here, and the objectives compare errors whose gaps are far larger than bf16's rounding of G.
+    """
+
+    gram: torch.Tensor | None  # [in, in] float32; None where only the group blocks are kept
     abs_sum: torch.Tensor  # [in] float32
     n: int = 0
+    blocks: torch.Tensor | None = None  # [in / group_size, group_size, group_size] float32, or None
+    dtype: torch.dtype = torch.float32
 
     @classmethod
-    def empty(cls, in_features: int, device) -> "InputStats":
-        return cls(torch.zeros(in_features, in_features, device=device),
-                   torch.zeros(in_features, device=device))
+    def empty(cls, in_features: int, device, group_size: int | None = None,
+              dtype: torch.dtype = torch.float32) -> "InputStats":
+        """group_size: keep only G's diagonal blocks of that size (all the clip search reads), which
+        costs group_size / in of the whole G."""
+        abs_sum = torch.zeros(in_features, device=device)
+        if group_size is None:
+            return cls(torch.zeros(in_features, in_features, device=device), abs_sum, dtype=dtype)
+        if in_features % group_size:
+            raise SpecError(f"group size {group_size} does not divide {in_features} input features")
+        ng = in_features // group_size
+        return cls(None, abs_sum, blocks=torch.zeros(ng, group_size, group_size, device=device), dtype=dtype)
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "InputStats":
-        st = cls.empty(x.shape[-1], x.device)
+    def of(cls, x: torch.Tensor, group_size: int | None = None, dtype: torch.dtype = torch.float32) -> "InputStats":
+        st = cls.empty(x.shape[-1], x.device, group_size, dtype)
         st.add(x)
         return st
 
+    @property
+    def group_size(self) -> int | None:
+        return None if self.blocks is None else self.blocks.shape[-1]
+
     def add(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        self.gram.addmm_(x2.t(), x2)
-        self.abs_sum.add_(x2.abs().sum(0))
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        xc = x2.to(self.dtype)
+        if self.gram is not None:
+            if self.dtype == torch.float32:
+                self.gram.addmm_(xc.t(), xc)
+            else:
+                self.gram.add_(xc.t() @ xc)
+        else:
+            gs = self.blocks.shape[-1]
+            xg = xc.reshape(xc.shape[0], -1, gs).transpose(0, 1)  # [ng, n, gs]
+            self.blocks.add_(torch.bmm(xg.transpose(1, 2), xg))
+        self.abs_sum.add_(x2.float().abs().sum(0))
         self.n += x2.shape[0]
 
     @property
@@ -128,11 +165,19 @@ class InputStats:
 
     def scaled(self, s: torch.Tensor) -> "InputStats":
         """The statistics of X / s (what linears read after a fold)."""
-        s = s.to(self.gram.device, torch.float32)
-        return InputStats(self.gram / torch.outer(s, s), self.abs_sum / s, self.n)
+        s = s.to(self.abs_sum.device, torch.float32)
+        if self.gram is not None:
+            return InputStats(self.gram / torch.outer(s, s), self.abs_sum / s, self.n, dtype=self.dtype)
+        sg = s.view(self.blocks.shape[0], -1)
+        return InputStats(None, self.abs_sum / s, self.n, self.blocks / (sg[:, :, None] * sg[:, None, :]),
+                          dtype=self.dtype)
 
     def group_blocks(self, group_size: int) -> torch.Tensor:
         """The diagonal blocks of G / n, one per weight group: `[in / G, G, G]`."""
+        if self.gram is None:
+            if group_size != self.group_size:
+                raise SpecError(f"these statistics hold groups of {self.group_size}, not {group_size}")
+            return self.blocks / max(self.n, 1)
         ng = self.gram.shape[0] // group_size
         g4 = self.gram.view(ng, group_size, ng, group_size)
         return g4.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous() / max(self.n, 1)
@@ -142,20 +187,31 @@ def output_error(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Sum over rows of d_r G d_r^T for d `[k, rows, in]`: k summed output errors, float32 `[k]`."""
     k = d.shape[0]
     d2 = d.reshape(-1, d.shape[-1])
-    return (d2 @ gram).mul_(d2).reshape(k, -1).sum(-1, dtype=torch.float32)
+    # row by row, then summed in float32: each row's bf16 rounding is independent, so the k totals
+    # keep float32-like relative accuracy (and a bf16 sum with a float32 accumulator is 2.5x slower)
+    return torch.linalg.vecdot(d2 @ gram, d2).float().reshape(k, -1).sum(-1)
 
 
 def scale_grid(w: torch.Tensor, x_mean: torch.Tensor, group_size: int, n_grid: int = 20,
-               duo_scaling: bool = True) -> torch.Tensor:
+               duo_scaling: bool | str = True) -> torch.Tensor:
     """AutoAWQ's candidate scales `[n_grid, in]`: s = x_mean^a / w_mean^(1-a) for a = i / n_grid,
-    normalised so that max(s) * min(s) = 1. w_mean is the mean over rows of |w| / max|w| of its group."""
+    normalised so that max(s) * min(s) = 1. w_mean is the mean over rows of |w| / max|w| of its group.
+
+    duo_scaling False: s = x_mean^a. "both" (llm-compressor's option): n_grid / 2 values of a
+    spanning [0, 1], each with and without w_mean (so the identity, a = 0 without, is a candidate)."""
     out_f, in_f = w.shape
     wg = w.abs().reshape(out_f, in_f // group_size, group_size)
     w_mean = (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(out_f, in_f).mean(0)
-    grid = torch.arange(n_grid, dtype=torch.float32, device=w.device) / n_grid
-    if duo_scaling:
+    if duo_scaling == "both":
+        half = max(2, n_grid // 2)
+        grid = torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1)
+        s_all = torch.cat([x_mean.pow(grid[:, None]).expand(half, in_f),
+                           x_mean.pow(grid[:, None]) / (w_mean.pow(1 - grid[:, None]) + 1e-4)])
+    elif duo_scaling:
+        grid = torch.arange(n_grid, dtype=torch.float32, device=w.device) / n_grid
         s_all = x_mean.pow(grid[:, None]) / (w_mean.pow(1 - grid[:, None]) + 1e-4)
     else:
+        grid = torch.arange(n_grid, dtype=torch.float32, device=w.device) / n_grid
         s_all = x_mean.pow(grid[:, None]).expand(n_grid, in_f)
     s_all = s_all.clamp(min=1e-4)
     return s_all / (s_all.amax(dim=1, keepdim=True) * s_all.amin(dim=1, keepdim=True)).sqrt()
@@ -176,7 +232,10 @@ def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: Quan
     w = torch.cat([t.detach().float() for t in weights], dim=0)  # [O, in]
     out_f, in_f = w.shape
     gs = WQLinear.spec_group_size(spec, in_f)
+    if stats.gram is None:
+        raise RuntimeError("search_best_scale needs the whole second moment X^T X (InputStats with group_size None)")
     s_all = scale_grid(w, stats.x_mean.to(w.device), gs, n_grid, duo_scaling)
+    n_grid = s_all.shape[0]
     gram = (stats.gram / max(stats.n, 1)).to(w.device, loss_dtype)
 
     losses = torch.empty(n_grid)
@@ -247,52 +306,101 @@ def subsample_inputs(inspect: nn.Module, xs: list[torch.Tensor], kwargs: list[di
     return out_x, out_kw
 
 
-@torch.no_grad()
-def search_best_scale_output(linears: list[nn.Module], inspect: nn.Module, xs: list[torch.Tensor],
-                             kwargs: list[dict], candidates: torch.Tensor, spec: QuantSpec,
-                             compute_dtype: torch.dtype | None = None) -> tuple[int, torch.Tensor]:
-    """AutoAWQ's objective: the index of the candidate scale `[k, in]` whose rounded linears least
-    change the `inspect` module's output (the attention or the MLP), and the k losses.
+class _ModuleObjective:
+    """The `inspect` module's output error for candidate weights of its linears: set up once (the
+    module in `compute_dtype`, its reference outputs), then scored for any subset of candidates.
+    Use as a context manager: the module's parameters are restored exactly on exit."""
 
-    With `compute_dtype` bf16 the module runs in bf16 (its reference output too), which is 2-4x
-    faster here; the candidates' weights are rounded in float32 as they will be stored. The
-    module's parameters are restored exactly afterwards.
-    """
-    originals = [linear_weight(m).detach().float() for m in linears]
-    rows = [o.shape[0] for o in originals]
-    w = torch.cat(originals)
-    out_f, in_f = w.shape
-    gs = WQLinear.spec_group_size(spec, in_f)
-    cdt = compute_dtype or torch.float32
-    amp = torch.autocast(xs[0].device.type, dtype=cdt) if cdt != torch.float32 else nullcontext()
-    saved = [(p, p.data) for p in inspect.parameters()]
-    losses = torch.full((candidates.shape[0],), float("inf"))
-    try:
-        for p in inspect.parameters():
-            p.data = p.data.to(cdt)
-        xs = [x.to(cdt) for x in xs]
-        with amp:
-            ref = _inspect_outputs(inspect, xs, kwargs)
-        n_out = sum(r.numel() for r in ref)
-        k = max(1, min(candidates.shape[0], _CHUNK_ELEMS // w.numel()))
-        buf = torch.empty(k, out_f, in_f, device=w.device)
+    def __init__(self, linears: list[nn.Module], inspect: nn.Module, xs: list[torch.Tensor], kwargs: list[dict],
+                 spec: QuantSpec, compute_dtype: torch.dtype | None):
+        self.linears, self.inspect, self.kwargs, self.spec = linears, inspect, kwargs, spec
+        originals = [linear_weight(m).detach().float() for m in linears]
+        self.rows = [o.shape[0] for o in originals]
+        self.w = torch.cat(originals)
+        self.gs = WQLinear.spec_group_size(spec, self.w.shape[1])
+        self.cdt = compute_dtype or torch.float32
+        self.amp = (torch.autocast(xs[0].device.type, dtype=self.cdt) if self.cdt != torch.float32
+                    else nullcontext())
+        self.xs = xs
+        self.saved: list = []
+
+    def __enter__(self):
+        self.saved = [(p, p.data) for p in self.inspect.parameters()]
+        for p in self.inspect.parameters():
+            p.data = p.data.to(self.cdt, copy=True)  # a copy even in float32: the search writes into it
+        self.xs = [x.to(self.cdt) for x in self.xs]
+        with self.amp:
+            self.ref = _inspect_outputs(self.inspect, self.xs, self.kwargs)
+        self.n_out = sum(r.numel() for r in self.ref)
+        return self
+
+    def __exit__(self, *exc):
+        for p, data in self.saved:
+            p.data = data
+
+    def losses(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Output MSE `[k]` of the linears rounded at each candidate scale `[k, in]`."""
+        out_f, in_f = self.w.shape
+        losses = torch.full((candidates.shape[0],), float("inf"))
+        k = max(1, min(candidates.shape[0], _CHUNK_ELEMS // self.w.numel()))
+        buf = torch.empty(k, out_f, in_f, device=self.w.device)
         for start in range(0, candidates.shape[0], k):
             s = candidates[start : start + k, None, :]
-            wq = torch.mul(w, s, out=buf[: s.shape[0]])
-            _pseudo_quantize_(wq, spec, gs).div_(s)
+            wq = torch.mul(self.w, s, out=buf[: s.shape[0]])
+            _pseudo_quantize_(wq, self.spec, self.gs).div_(s)
             for j in range(s.shape[0]):
-                for m, part in zip(linears, wq[j].split(rows)):
+                for m, part in zip(self.linears, wq[j].split(self.rows)):
                     set_linear_weight(m, part)
-                with amp:
-                    out = _inspect_outputs(inspect, xs, kwargs)
-                losses[start + j] = sum(float((a.float() - r.float()).pow(2).sum()) for a, r in zip(out, ref)) / n_out
-    finally:
-        for p, data in saved:
-            p.data = data
+                with self.amp:
+                    out = _inspect_outputs(self.inspect, self.xs, self.kwargs)
+                losses[start + j] = sum(float((a.float() - r.float()).pow(2).sum())
+                                        for a, r in zip(out, self.ref)) / self.n_out
+        return losses
+
+
+def _argmin_finite(losses: torch.Tensor) -> int:
     finite = torch.isfinite(losses)
     if not bool(finite.any()):
         raise RuntimeError("AWQ scale search found no finite loss")
-    return int(torch.where(finite, losses, torch.full_like(losses, float("inf"))).argmin()), losses
+    return int(torch.where(finite, losses, torch.full_like(losses, float("inf"))).argmin())
+
+
+@torch.no_grad()
+def search_best_scale_output(linears: list[nn.Module], inspect: nn.Module, xs: list[torch.Tensor],
+                             kwargs: list[dict], candidates: torch.Tensor, spec: QuantSpec,
+                             compute_dtype: torch.dtype | None = None, coarse: int = 1
+                             ) -> tuple[int, torch.Tensor]:
+    """AutoAWQ's objective: the index of the candidate scale `[k, in]` whose rounded linears least
+    change the `inspect` module's output (the attention or the MLP), and the k losses (NaN where a
+    candidate was not scored).
+
+    With `compute_dtype` bf16 the module runs in bf16 (its reference output too), which is 2-4x
+    faster here; the candidates' weights are rounded in float32 as they will be stored. The
+    module's parameters are restored exactly afterwards. (Running several candidates in one
+    forward, as a batch of candidate-major copies through bmm'd linears, measured slower here
+    than one forward per candidate: at 512-1024 tokens the GEMMs already run at full speed.)
+
+    coarse > 1: the candidates are a path in a (ordered by the grid's exponent), and only every
+    coarse-th one is scored, then the unscored ones between the best and its scored neighbours:
+    the full grid's choice wherever the loss has a single minimum along the path, for about
+    k / coarse + 2 (coarse - 1) module forwards instead of k.
+    """
+    n = candidates.shape[0]
+    with _ModuleObjective(linears, inspect, xs, kwargs, spec, compute_dtype) as obj:
+        if coarse <= 1 or n <= 2 * coarse:
+            losses = obj.losses(candidates)
+            return _argmin_finite(losses), losses
+        losses = torch.full((n,), float("nan"))
+        idx = torch.arange(0, n, coarse)
+        if int(idx[-1]) != n - 1:
+            idx = torch.cat([idx, torch.tensor([n - 1])])
+        losses[idx] = obj.losses(candidates[idx])
+        best = int(idx[_argmin_finite(losses[idx])])
+        near = torch.tensor([i for i in range(max(0, best - coarse + 1), min(n, best + coarse))
+                             if bool(losses[i].isnan())], dtype=torch.long)
+        if near.numel():
+            losses[near] = obj.losses(candidates[near])
+    return _argmin_finite(torch.nan_to_num(losses, nan=float("inf"))), losses
 
 
 def group_output_error(w: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -306,15 +414,51 @@ def group_output_error(w: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, grou
     return torch.bmm(xg, d).pow(2).mean(dim=1).t()  # [out, ng]
 
 
+# How the clip search shrinks a group's range [lo, hi] (lo <= 0 <= hi) by ratios r:
+# "abs": clamp to [-r m, r m] with m = max|w| (AutoAWQ: only the side that reaches m is cut);
+# "range": clamp to [r lo, r hi] (both sides by the same r);
+# "asym": both sides by their own ratio: the best "range" r, then the best upper ratio with the lower
+#   one held, then the best lower ratio with the upper one held (each pass keeps the previous choice
+#   among its candidates, so no pass raises a group's error).
+CLIP_MODES = ("abs", "range", "asym")
+
+
+def _clip_bounds(wf: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unclipped (lo, hi) `[out, ng, 1]` each ratio multiplies, of grouped weights wf `[out, ng, G]`."""
+    if mode == "abs":
+        m = wf.abs().amax(dim=-1, keepdim=True)
+        return -m, m
+    return wf.amin(dim=-1, keepdim=True).clamp(max=0), wf.amax(dim=-1, keepdim=True).clamp(min=0)
+
+
+def _clip_errors(wf: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec,
+                 buf: torch.Tensor) -> torch.Tensor:
+    """Partial-output errors `[k, out, ng]` of clamping wf `[out, ng, G]` to [lo, hi] `[k, out, ng, 1]`
+    and rounding; buf holds at least k x wf.numel() floats."""
+    kk = lo.shape[0]
+    out_f, ng, gs = wf.shape
+    d = buf[:kk]
+    torch.minimum(wf, hi, out=d)
+    torch.maximum(d, lo, out=d)
+    _pseudo_quantize_(d.view(-1, out_f, ng * gs), spec, gs)
+    d.sub_(wf)
+    dg = d.permute(2, 0, 1, 3).reshape(ng, -1, gs)  # [ng, kk*out, gs]
+    e = torch.bmm(dg, blocks).mul_(dg).sum(-1)  # [ng, kk*out]
+    return e.view(ng, kk, out_f).permute(1, 2, 0)
+
+
 @torch.no_grad()
 def search_best_clip(w: torch.Tensor, stats: InputStats, spec: QuantSpec, *, clip_grid: int = 20,
-                     max_shrink: float = 0.5) -> torch.Tensor:
-    """Per group, the clip ratio r in (1 - max_shrink, 1] whose clamp of W to [-r max|W|, r max|W|]
-    followed by rounding least changes the group's partial output: `[out, n_group]`.
+                     max_shrink: float = 0.5, mode: str = "abs") -> torch.Tensor:
+    """Per group, the clip ratio r in (1 - max_shrink, 1] whose clamp of W (see CLIP_MODES) followed
+    by rounding least changes the group's partial output: `[out, n_group]`, or `[out, n_group, 2]`
+    (lower, upper ratio) for mode "asym".
 
     The partial-output error of a group is d G_g d^T / n with G_g the group's diagonal block of
     X^T X, so all ratios and groups are scored with batched `[G, G]` products and no token loop.
     """
+    if mode not in CLIP_MODES:
+        raise SpecError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
     out_f, in_f = w.shape
     gs = WQLinear.spec_group_size(spec, in_f)
     ng = in_f // gs
@@ -322,41 +466,48 @@ def search_best_clip(w: torch.Tensor, stats: InputStats, spec: QuantSpec, *, cli
     ratios = torch.tensor([1 - i / clip_grid for i in range(n_ratio)], device=w.device)
     blocks = stats.group_blocks(gs).to(w.device)  # [ng, gs, gs]
     wf = w.detach().float().reshape(out_f, ng, gs)
-    amax = wf.abs().amax(dim=-1, keepdim=True)  # [out, ng, 1]
-
-    errs = torch.empty(n_ratio, out_f, ng, device=w.device)
+    lo, hi = _clip_bounds(wf, mode)  # [out, ng, 1]
     k = max(1, min(n_ratio, _CHUNK_ELEMS // w.numel()))
     buf = torch.empty(k, out_f, ng, gs, device=w.device)
-    for start in range(0, n_ratio, k):
-        r = ratios[start : start + k].view(-1, 1, 1, 1)
-        m = amax * r  # [kk, out, ng, 1]
-        d = buf[: r.shape[0]]
-        torch.minimum(wf, m, out=d)
-        torch.maximum(d, m.neg(), out=d)
-        _pseudo_quantize_(d.view(-1, out_f, in_f), spec, gs)
-        d.sub_(wf)
-        dg = d.permute(2, 0, 1, 3).reshape(ng, -1, gs)  # [ng, kk*out, gs]
-        e = torch.bmm(dg, blocks).mul_(dg).sum(-1)  # [ng, kk*out]
-        errs[start : start + r.shape[0]] = e.view(ng, -1, out_f).permute(1, 2, 0)
-    # ties keep the larger ratio (less clipping): argmin returns the first minimum
-    return ratios[errs.argmin(dim=0)]
+
+    def best(lo_r: torch.Tensor | None, hi_r: torch.Tensor | None) -> torch.Tensor:
+        """The best ratio per group `[out, ng]` for the side(s) whose fixed ratio is None."""
+        errs = torch.empty(n_ratio, out_f, ng, device=w.device)
+        for start in range(0, n_ratio, k):
+            r = ratios[start : start + k].view(-1, 1, 1, 1)
+            lo_b = lo * (r if lo_r is None else lo_r.unsqueeze(-1))
+            hi_b = hi * (r if hi_r is None else hi_r.unsqueeze(-1))
+            lo_b, hi_b = lo_b.expand(r.shape[0], out_f, ng, 1), hi_b.expand(r.shape[0], out_f, ng, 1)
+            errs[start : start + r.shape[0]] = _clip_errors(wf, lo_b, hi_b, blocks, spec, buf)
+        # ties keep the larger ratio (less clipping): argmin returns the first minimum
+        return ratios[errs.argmin(dim=0)]
+
+    r = best(None, None)
+    if mode != "asym":
+        return r
+    r_hi = best(r, None)
+    r_lo = best(None, r_hi)
+    return torch.stack([r_lo, r_hi], dim=-1)
 
 
 @torch.no_grad()
-def apply_clip(module: nn.Module, ratios: torch.Tensor) -> None:
-    """Clamps each group of the weight to [-r max|W|, r max|W|].
+def apply_clip(module: nn.Module, ratios: torch.Tensor, mode: str = "abs") -> None:
+    """Clamps each group of the weight to its clipped range (CLIP_MODES; ratios from search_best_clip).
 
     Not the same as handing r to choose_qparams as clip_ratio: that shrinks the group's min and max
-    by r each (a group in [-0.5, 1] at r = 0.8 gets [-0.4, 0.8]), while clamping keeps -0.5 (the
-    range becomes [-0.5, 0.8]). The search scored the clamp, so the clamp is applied, and the
+    by r each, while "abs" clamping (AutoAWQ's) keeps a group's smaller side (a group in [-0.5, 1]
+    at r = 0.8 becomes [-0.5, 0.8]). The search scored the clamp, so the clamp is applied, and the
     weight is then quantized with clip_ratio 1.
     """
     w = linear_weight(module)
     out_f, in_f = w.shape
     ng = ratios.shape[1]
     wg = w.detach().float().reshape(out_f, ng, in_f // ng)
-    m = wg.abs().amax(dim=-1, keepdim=True) * ratios.to(wg.device).unsqueeze(-1)
-    set_linear_weight(module, torch.maximum(torch.minimum(wg, m), -m).reshape(out_f, in_f).to(w.dtype))
+    lo, hi = _clip_bounds(wg, mode)
+    r = ratios.to(wg.device)
+    r_lo, r_hi = (r[..., 0], r[..., 1]) if mode == "asym" else (r, r)
+    clamped = torch.maximum(torch.minimum(wg, hi * r_hi.unsqueeze(-1)), lo * r_lo.unsqueeze(-1))
+    set_linear_weight(module, clamped.reshape(out_f, in_f).to(w.dtype))
 
 
 def _nonlinear_inspect(pair) -> bool:
@@ -376,19 +527,31 @@ class AWQ(Algorithm):
                  max_shrink: float = 0.5, clip_grid: int = 20,
                  clip_skip=("q_proj", "k_proj", "query_key_value", "c_attn"), quantize: bool = True,
                  loss_dtype: str = "bfloat16", objective: str = "output", refine_topk: int = 3,
-                 output_tokens: int | None = 512, output_dtype: str = "bfloat16"):
+                 output_tokens: int | None = 512, output_dtype: str = "bfloat16", clip_mode: str = "abs",
+                 stats_dtype: str = "bfloat16", forward_dtype: str = "float32", grid_stride: int = 1):
         self.spec = spec
         self.n_grid = int(n_grid)
-        self.duo_scaling = bool(duo_scaling)
+        if duo_scaling not in (True, False, "both"):
+            raise SpecError(f"duo_scaling must be true, false or 'both', got {duo_scaling!r}")
+        self.duo_scaling = duo_scaling
         self.clip = bool(clip)
         self.max_shrink = float(max_shrink)
         self.clip_grid = int(clip_grid)
         self.clip_skip = tuple(clip_skip)
+        if clip_mode not in CLIP_MODES:
+            raise SpecError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+        self.clip_mode = clip_mode
         # quantize=False: scale (and clip) only, leaving float nn.Linear for a later step or a test
         self.quantize = bool(quantize)
-        if loss_dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"loss_dtype must be 'bfloat16' or 'float32', got {loss_dtype!r}")
+        for key, val in (("loss_dtype", loss_dtype), ("stats_dtype", stats_dtype), ("forward_dtype", forward_dtype),
+                         ("output_dtype", output_dtype)):
+            if val not in ("bfloat16", "float32"):
+                raise SpecError(f"{key} must be 'bfloat16' or 'float32', got {val!r}")
         self.loss_dtype = loss_dtype
+        # the dtype of the X^T X products (summed in float32), and of the float forward that records
+        # them and feeds the next block (the runner reads forward_dtype as a torch dtype)
+        self.stats_dtype = stats_dtype
+        self.forward_dtype = getattr(torch, forward_dtype)
         # Where a pair's scale is scored when its linears feed a non-linear module (attention, MLP):
         # "linear": the linears' own outputs (exact, from second moments); "output": that module's
         # output, every grid point (AutoAWQ); "refine": rank by "linear", re-score the best
@@ -400,8 +563,14 @@ class AWQ(Algorithm):
         # the "output" objective's cost: tokens it runs through the module, and the dtype it runs in
         self.output_tokens = None if output_tokens is None else int(output_tokens)
         self.output_dtype = output_dtype
+        # > 1: the module-output objective scores every grid_stride-th grid point, then the points
+        # around the best (search_best_scale_output's `coarse`); 1 scores all, as AutoAWQ
+        if int(grid_stride) < 1:
+            raise SpecError(f"grid_stride must be at least 1, got {grid_stride!r}")
+        self.grid_stride = int(grid_stride)
         self.last_scales: dict[str, torch.Tensor] = {}  # "model.layers.0.input_layernorm" -> s, for inspection
         self.last_losses: dict[str, torch.Tensor] = {}  # same keys -> the grid's losses
+        self.last_timings: dict[str, float] = {}  # phase -> seconds summed over blocks (where the time goes)
 
     def prepare(self, model, adapter) -> None:
         check_weights(model, adapter, self.spec)
@@ -409,16 +578,21 @@ class AWQ(Algorithm):
 
     # ---- steps ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def get_input_feat(self, ctx, names: list[str], keep: tuple[str, ...] = ()) -> dict[str, InputStats]:
+    def get_input_feat(self, ctx, names: list[str], keep: tuple[str, ...] = (),
+                       full: tuple[str, ...] | None = None) -> dict[str, InputStats]:
         """{linear name: InputStats of its input} from one float forward of the block; linears that
         read one tensor (q/k/v) share one object. Leaves the block's outputs in ctx.float_outputs,
-        and the raw inputs of the linears in `keep` in self._raw {name: [chunk inputs]}."""
+        and the raw inputs of the linears in `keep` in self._raw {name: [chunk inputs]}. Linears
+        in `full` (all, where None) get the whole second moment, the others its diagonal group
+        blocks only (what the clip search reads)."""
         shared = {}
         for group in ctx.adapter.shared_input:
             for n in group[1:]:
                 if group[0] in names:
                     shared[n] = group[0]
         capture = [n for n in names if n not in shared]
+        whole = None if full is None else {shared.get(n, n) for n in full}
+        stats_dtype = getattr(torch, self.stats_dtype)
         got: dict[str, InputStats] = {}
 
         self._raw = {n: [] for n in keep}
@@ -428,7 +602,8 @@ class AWQ(Algorithm):
             if name in self._raw:
                 self._raw[name].append(x.reshape(*chunk_shapes[len(self._raw[name])], x.shape[-1]))
             if name not in got:
-                got[name] = InputStats.empty(x.shape[-1], x.device)
+                gs = None if whole is None or name in whole else WQLinear.spec_group_size(self.spec, x.shape[-1])
+                got[name] = InputStats.empty(x.shape[-1], x.device, gs, stats_dtype)
             got[name].add(x)
 
         with ctx.hook_inputs(capture, record):
@@ -447,7 +622,12 @@ class AWQ(Algorithm):
         keep = ()
         if self.objective != "linear":
             keep = tuple(p.linear_names[0] for p in pairs if p.kind != "act" and _nonlinear_inspect(p))
-        feats = self.get_input_feat(ctx, list(linears), keep)
+        # the whole X^T X only where a scale is scored from it; the clip search reads its group blocks
+        full = tuple(n for p in pairs if p.kind != "act" and (self.objective != "output" or not _nonlinear_inspect(p))
+                     for n in p.linear_names)
+        tick = time.perf_counter()
+        feats = self.get_input_feat(ctx, list(linears), keep, full)
+        tick = self._timed("input_feat", tick)
         loss_dtype = getattr(torch, self.loss_dtype)
 
         for pair in pairs:
@@ -462,20 +642,24 @@ class AWQ(Algorithm):
             if self.objective != "linear" and pair.linear_names[0] in self._raw:
                 cand = scale_grid(torch.cat([w.float() for w in weights]), stats.x_mean, 
                                   WQLinear.spec_group_size(self.spec, weights[0].shape[1]), self.n_grid, self.duo_scaling)
-                idx = torch.arange(self.n_grid)
+                idx = torch.arange(cand.shape[0])
                 if self.objective == "refine":
                     _, proxy = search_best_scale(weights, stats, self.spec, self.n_grid, self.duo_scaling, loss_dtype)
                     idx = proxy.argsort()[: self.refine_topk]
                 xs, kwargs = subsample_inputs(pair.inspect, self._raw[pair.linear_names[0]],
                                               [ctx.kwargs(c) for c in ctx.chunks], self.output_tokens)
+                stride = self.grid_stride if self.objective == "output" and self.duo_scaling != "both" else 1
                 best, out_losses = search_best_scale_output(list(pair.linears), pair.inspect, xs, kwargs,
-                                                            cand[idx], self.spec, getattr(torch, self.output_dtype))
+                                                            cand[idx], self.spec, getattr(torch, self.output_dtype),
+                                                            coarse=stride)
                 s = cand[idx[best]]
-                losses = torch.full((self.n_grid,), float("nan"))
+                losses = torch.full((cand.shape[0],), float("nan"))
                 losses[idx] = out_losses
                 del self._raw[pair.linear_names[0]]
+                tick = self._timed("scale_module_output", tick)
             else:
                 s, losses = search_best_scale(weights, stats, self.spec, self.n_grid, self.duo_scaling, loss_dtype)
+                tick = self._timed("scale_linear_output", tick)
             fold_scales(pair.prev, pair.linears, s, pair.kind)
             scaled = stats.scaled(s)  # the linears now read prev(x) / s
             for n in pair.linear_names:
@@ -489,13 +673,21 @@ class AWQ(Algorithm):
                 if any(n.split(".")[-1] == k for k in self.clip_skip):
                     continue
                 ratios = search_best_clip(linear_weight(m), feats[n], self.spec, clip_grid=self.clip_grid,
-                                          max_shrink=self.max_shrink)
-                apply_clip(m, ratios)
+                                          max_shrink=self.max_shrink, mode=self.clip_mode)
+                apply_clip(m, ratios, self.clip_mode)
+            tick = self._timed("clip", tick)
         del feats
         self._raw = {}
 
         if self.quantize:
             self.apply_quant(ctx)
+            self._timed("quantize", tick)
+
+    def _timed(self, phase: str, since: float) -> float:
+        """Adds the seconds since `since` to last_timings[phase]; returns now."""
+        now = time.perf_counter()
+        self.last_timings[phase] = self.last_timings.get(phase, 0.0) + now - since
+        return now
 
     def apply_quant(self, ctx) -> None:
         for n, m in ctx.linears.items():
@@ -509,4 +701,6 @@ class AWQ(Algorithm):
         return {"method": self.name, "n_grid": self.n_grid, "duo_scaling": self.duo_scaling, "clip": self.clip,
                 "max_shrink": self.max_shrink, "clip_grid": self.clip_grid, "clip_skip": list(self.clip_skip),
                 "loss_dtype": self.loss_dtype, "objective": self.objective, "refine_topk": self.refine_topk,
-                "output_tokens": self.output_tokens, "output_dtype": self.output_dtype}
+                "output_tokens": self.output_tokens, "output_dtype": self.output_dtype, "clip_mode": self.clip_mode,
+                "stats_dtype": self.stats_dtype, "forward_dtype": str(self.forward_dtype).replace("torch.", ""),
+                "grid_stride": self.grid_stride}
