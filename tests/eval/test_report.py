@@ -12,7 +12,7 @@ import torch
 import lowbit
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.eval.report import layer_errors, recovered_scales, write_report
+from lowbit.eval.report import _place_labels, layer_errors, recovered_scales, write_report
 from lowbit.models import find_module, fold_scales
 
 from ..conftest import WIKI_VALID, save_tiny_checkpoint, tiny_model
@@ -26,6 +26,34 @@ def test_recovered_scales_undo_a_column_scaling():
     w = torch.randn(64, 32)
     s = torch.rand(32) * 4 + 0.25
     assert torch.allclose(recovered_scales(w * s, w), s, rtol=1e-5)
+
+
+def test_clustered_labels_do_not_overlap():
+    """Five W8 rows within 3% of each other (as in the bench table) get five separate label boxes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation, Text
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    pts = [(8.0, 29.5), (8.05, 29.7), (8.02, 29.25), (8.06, 30.1), (8.05, 29.8), (4.35, 33.8), (3.3, 67.0), (32, 29.2)]
+    ax.scatter(*zip(*pts))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.margins(x=0.25, y=0.18)
+    _place_labels(ax, pts, [f"a fairly long method name {i}" for i in range(len(pts))])
+    renderer = fig.canvas.get_renderer()
+    anns = [c for c in ax.get_children() if isinstance(c, Annotation)]
+    assert len(anns) == len(pts)
+    boxes = []
+    for a in anns:
+        a.update_positions(renderer)
+        boxes.append(Text.get_window_extent(a, renderer))
+    plt.close(fig)
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (anns[i].get_text(), anns[j].get_text())
 
 
 def test_folded_scales_are_not_counted_as_error():

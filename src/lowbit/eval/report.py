@@ -299,6 +299,56 @@ def plot_channel_map(matrix: torch.Tensor, path: Path, title: str, label: str, c
     _save(fig, path)
 
 
+def _place_labels(ax, points: list[tuple[float, float]], labels: list[str], fontsize: int = 7) -> None:
+    """Annotates each point with its label at the first nearby spot whose box overlaps no label placed
+    before it and no marker; clustered points (several W8 rows within a few percent of each other) would
+    otherwise print their names on top of each other. A label pushed away from its point gets a leader line."""
+    from matplotlib.text import Text
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    marker_boxes = []
+    for x, y in points:
+        px, py = ax.transData.transform((x, y))
+        marker_boxes.append((px - 3, py - 3, px + 3, py + 3))
+    placed: list[tuple[float, float, float, float]] = []
+    offsets = [(5, 2), (5, -9), (-5, 2), (-5, -9)]
+    offsets += [(dx, dy) for r in (12, 22, 34, 48, 64, 82) for dy in (r, -r) for dx in (5, -5, 30, -30, 60, -60, 100, -100)]
+
+    frame = ax.get_window_extent(renderer)
+
+    def overlap(b) -> float:
+        """Area of the box outside the axes plus its area over earlier labels and markers."""
+        inside = max(0.0, min(b[2], frame.x1) - max(b[0], frame.x0)) * max(0.0, min(b[3], frame.y1) - max(b[1], frame.y0))
+        cost = (b[2] - b[0]) * (b[3] - b[1]) - inside
+        for o in placed + marker_boxes:
+            cost += max(0.0, min(b[2], o[2]) - max(b[0], o[0])) * max(0.0, min(b[3], o[3]) - max(b[1], o[1]))
+        return cost
+
+    # top-down so that labels in a column stack in the order of their points
+    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        best = None
+        for dx, dy in offsets:
+            far = abs(dy) > 9
+            ann = ax.annotate(labels[i], points[i], xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                              ha="left" if dx > 0 else "right", va="bottom",
+                              arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if far else None)
+            ann.update_positions(renderer)
+            bb = Text.get_window_extent(ann, renderer)  # the text alone: an Annotation's box spans its leader too
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            cost = overlap(box)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])  # the least-overlapping spot when none is free: a label is never dropped
+
+
 def plot_ppl_vs_bits(rows: list[dict], path: Path, title: str) -> int:
     """Scatter of ppl against bits per weight for the rows that have both; returns how many."""
     import matplotlib.pyplot as plt
@@ -307,18 +357,18 @@ def plot_ppl_vs_bits(rows: list[dict], path: Path, title: str) -> int:
            and math.isfinite(r["ppl"])]
     if not pts:
         return 0
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     for r in pts:
         peer = r.get("kind") == "peer"
         ax.scatter(r["bits_per_weight"], r["ppl"], marker="s" if peer else "o", color="tab:orange" if peer else "tab:blue")
-        ax.annotate(str(r["method"])[:40], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.margins(x=0.25, y=0.18)  # room for the labels of the outermost points
     ax.set_xlabel("bits per weight (decoder linears; log scale)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
+    _place_labels(ax, [(r["bits_per_weight"], r["ppl"]) for r in pts], [str(r["method"])[:40] for r in pts])
     _save(fig, path)
     return len(pts)
 
