@@ -369,3 +369,21 @@ def test_coarse_grid_scores_a_subset_exactly_and_finds_a_single_minimum():
     d = full.diff().sign()
     if int((d[1:] != d[:-1]).sum()) <= 1:
         assert got == best
+
+
+@pytest.mark.parametrize("tokens", [500, 40])  # 40 < 96 features: a G of deficient rank
+def test_triangular_output_error_matches_the_second_moment_form(tokens):
+    from lowbit.algorithms.awq import gram_factor, output_error_tri
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, 96, generator=g) * torch.linspace(0.1, 6, 96)
+    gram = x.t() @ x / tokens
+    d = torch.randn(5, 24, 96, generator=g) * 0.01
+    L = gram_factor(gram)
+    assert L is not None and torch.equal(L, L.tril())
+    exact = output_error(d, gram)
+    torch.testing.assert_close(output_error_tri(d, L), exact, rtol=1e-4, atol=0)
+    torch.testing.assert_close(output_error_tri(d, L, n_blocks=7), exact, rtol=1e-4, atol=0)
+    torch.testing.assert_close(output_error_tri(d.bfloat16(), L.bfloat16()), exact, rtol=1e-2, atol=0)
+    direct = torch.stack([(x @ di.t()).pow(2).sum() for di in d]) / tokens
+    torch.testing.assert_close(output_error_tri(d, L), direct, rtol=1e-4, atol=0)

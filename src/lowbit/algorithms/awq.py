@@ -192,6 +192,29 @@ def output_error(d: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(d2 @ gram, d2).float().reshape(k, -1).sum(-1)
 
 
+def gram_factor(gram: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor L of G (+ 1e-6 of its mean diagonal, for a G of deficient rank), so that
+    d G d^T = ||d L||^2; None where G is not positive definite even so."""
+    jitter = 1e-6 * float(gram.diagonal().mean().clamp(min=1e-30))
+    L, info = torch.linalg.cholesky_ex(gram.float() + jitter * torch.eye(gram.shape[0], device=gram.device))
+    return L if int(info) == 0 else None
+
+
+def output_error_tri(d: torch.Tensor, L: torch.Tensor, n_blocks: int = 6) -> torch.Tensor:
+    """`output_error` from G's Cholesky factor: sum of ||d_r L||^2 `[k]`, float32. L is lower
+    triangular, so column block j of d L reads only d's columns from block j on: (B + 1) / 2B of
+    the full product's work (about half, measured 2x faster than d G d^T here)."""
+    k, in_f = d.shape[0], d.shape[-1]
+    d2 = d.reshape(-1, in_f)
+    edges = [round(i * in_f / n_blocks) for i in range(n_blocks + 1)]
+    total = torch.zeros(k, device=d.device)
+    for a, b in zip(edges[:-1], edges[1:]):
+        if b > a:
+            y = d2[:, a:] @ L[a:, a:b]
+            total += y.float().pow_(2).reshape(k, -1).sum(-1)
+    return total
+
+
 def scale_grid(w: torch.Tensor, x_mean: torch.Tensor, group_size: int, n_grid: int = 20,
                duo_scaling: bool | str = True) -> torch.Tensor:
     """AutoAWQ's candidate scales `[n_grid, in]`: s = x_mean^a / w_mean^(1-a) for a = i / n_grid,
@@ -226,8 +249,9 @@ def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: Quan
 
     weights: the `[out_i, in]` weights that read the input described by `stats`. The error of grid
     point a is tr(D G D^T) / n with D = pseudo_quantize(W s_a) / s_a - W, all rows stacked, computed
-    in `loss_dtype` (bf16 GEMMs run 2-4x faster here than fp32; the relative error of a loss that sums
-    millions of terms stays far below the gaps between grid points).
+    as ||D L||^2 from G's Cholesky factor (`output_error_tri`, half the work of D G) in `loss_dtype`
+    (bf16 GEMMs run 2-4x faster here than fp32; the relative error of a loss that sums millions of
+    terms stays far below the gaps between grid points).
     """
     w = torch.cat([t.detach().float() for t in weights], dim=0)  # [O, in]
     out_f, in_f = w.shape
@@ -236,7 +260,9 @@ def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: Quan
         raise RuntimeError("search_best_scale needs the whole second moment X^T X (InputStats with group_size None)")
     s_all = scale_grid(w, stats.x_mean.to(w.device), gs, n_grid, duo_scaling)
     n_grid = s_all.shape[0]
-    gram = (stats.gram / max(stats.n, 1)).to(w.device, loss_dtype)
+    gram = (stats.gram / max(stats.n, 1)).to(w.device)
+    L = gram_factor(gram)
+    factor = (L if L is not None else gram).to(loss_dtype)
 
     losses = torch.empty(n_grid)
     k = max(1, min(n_grid, _CHUNK_ELEMS // w.numel()))
@@ -245,7 +271,9 @@ def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: Quan
         s = s_all[start : start + k, None, :]  # [kk, 1, in]
         d = torch.mul(w, s, out=buf[: s.shape[0]])
         _pseudo_quantize_(d, spec, gs).div_(s).sub_(w)
-        losses[start : start + s.shape[0]] = output_error(d.to(loss_dtype), gram).cpu()
+        dd = d.to(loss_dtype)
+        losses[start : start + s.shape[0]] = (output_error_tri(dd, factor) if L is not None
+                                              else output_error(dd, factor)).cpu()
     losses /= out_f
     finite = torch.isfinite(losses)
     if not bool(finite.any()):
