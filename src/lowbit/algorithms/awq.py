@@ -78,22 +78,26 @@ def _group_spec(spec: QuantSpec, in_features: int) -> QuantSpec:
     return dataclasses.replace(spec, granularity=PerGroup(g))
 
 
-def _pseudo_quantize_(w: torch.Tensor, spec: QuantSpec, group_size: int) -> torch.Tensor:
+def _pseudo_quantize_(w: torch.Tensor, spec: QuantSpec, group_size: int, lo: torch.Tensor | None = None,
+                      hi: torch.Tensor | None = None) -> torch.Tensor:
     """Rounds float32 w `[..., in]` in place onto its per-group grid, exactly as WQLinear.from_weight
     would store it. Unchecked (callers validated the weights once): the grid search calls this on
     tens of millions of elements per block, where out-of-place ops and NaN scans cost more than
-    the arithmetic."""
+    the arithmetic. lo, hi: each group's min and max where the caller knows them (a clamp it just
+    applied), shaped `[..., in / group_size, 1]`; two passes fewer."""
     if spec.is_codebook:
         w.copy_(quantize_dequantize(w, _group_spec(spec, w.shape[-1])))
         return w
     wg = w.view(*w.shape[:-1], w.shape[-1] // group_size, group_size)
-    lo = wg.amin(dim=-1, keepdim=True).clamp_(max=0)
-    hi = wg.amax(dim=-1, keepdim=True).clamp_(min=0)
+    lo = (wg.amin(dim=-1, keepdim=True) if lo is None else lo).clamp(max=0)
+    hi = (wg.amax(dim=-1, keepdim=True) if hi is None else hi).clamp(min=0)
     scale, zero = _range_qparams(lo, hi, spec)
     scale = fp16_scale(scale)
     wg.div_(scale).round_()
     if zero is not None:
-        wg.add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero)
+        # codes and zero are integers in float32, so clamping q to [qmin - z, qmax - z] is exactly
+        # (q + z).clamp(qmin, qmax) - z, in one pass instead of three
+        wg.clamp_(min=spec.qmin - zero, max=spec.qmax - zero)
     else:
         wg.clamp_(spec.qmin, spec.qmax)
     wg.mul_(scale)
@@ -452,27 +456,11 @@ CLIP_MODES = ("abs", "range", "asym")
 
 
 def _clip_bounds(wf: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unclipped (lo, hi) `[out, ng, 1]` each ratio multiplies, of grouped weights wf `[out, ng, G]`."""
+    """The unclipped (lo, hi) `[..., 1]` each ratio multiplies, of groups wf `[..., G]`."""
     if mode == "abs":
         m = wf.abs().amax(dim=-1, keepdim=True)
         return -m, m
     return wf.amin(dim=-1, keepdim=True).clamp(max=0), wf.amax(dim=-1, keepdim=True).clamp(min=0)
-
-
-def _clip_errors(wf: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec,
-                 buf: torch.Tensor) -> torch.Tensor:
-    """Partial-output errors `[k, out, ng]` of clamping wf `[out, ng, G]` to [lo, hi] `[k, out, ng, 1]`
-    and rounding; buf holds at least k x wf.numel() floats."""
-    kk = lo.shape[0]
-    out_f, ng, gs = wf.shape
-    d = buf[:kk]
-    torch.minimum(wf, hi, out=d)
-    torch.maximum(d, lo, out=d)
-    _pseudo_quantize_(d.view(-1, out_f, ng * gs), spec, gs)
-    d.sub_(wf)
-    dg = d.permute(2, 0, 1, 3).reshape(ng, -1, gs)  # [ng, kk*out, gs]
-    e = torch.bmm(dg, blocks).mul_(dg).sum(-1)  # [ng, kk*out]
-    return e.view(ng, kk, out_f).permute(1, 2, 0)
 
 
 @torch.no_grad()
@@ -484,6 +472,8 @@ def search_best_clip(w: torch.Tensor, stats: InputStats, spec: QuantSpec, *, cli
 
     The partial-output error of a group is d G_g d^T / n with G_g the group's diagonal block of
     X^T X, so all ratios and groups are scored with batched `[G, G]` products and no token loop.
+    The work is laid out group-major (`[n_group, ratio, out, G]`), which is what the batched
+    product reads, so nothing is permuted per ratio.
     """
     if mode not in CLIP_MODES:
         raise SpecError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
@@ -493,20 +483,30 @@ def search_best_clip(w: torch.Tensor, stats: InputStats, spec: QuantSpec, *, cli
     n_ratio = max(1, int(max_shrink * clip_grid))
     ratios = torch.tensor([1 - i / clip_grid for i in range(n_ratio)], device=w.device)
     blocks = stats.group_blocks(gs).to(w.device)  # [ng, gs, gs]
-    wf = w.detach().float().reshape(out_f, ng, gs)
-    lo, hi = _clip_bounds(wf, mode)  # [out, ng, 1]
+    wg = w.detach().float().reshape(out_f, ng, gs).transpose(0, 1).contiguous().unsqueeze(1)  # [ng, 1, out, gs]
+    lo, hi = _clip_bounds(wg, mode)  # [ng, 1, out, 1]
+    wmin, wmax = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
     k = max(1, min(n_ratio, _CHUNK_ELEMS // w.numel()))
-    buf = torch.empty(k, out_f, ng, gs, device=w.device)
+    flat = torch.empty(k * w.numel(), device=w.device)
 
     def best(lo_r: torch.Tensor | None, hi_r: torch.Tensor | None) -> torch.Tensor:
-        """The best ratio per group `[out, ng]` for the side(s) whose fixed ratio is None."""
+        """The best ratio per group `[out, ng]` for the side(s) whose fixed ratio `[out, ng]` is None."""
         errs = torch.empty(n_ratio, out_f, ng, device=w.device)
         for start in range(0, n_ratio, k):
-            r = ratios[start : start + k].view(-1, 1, 1, 1)
-            lo_b = lo * (r if lo_r is None else lo_r.unsqueeze(-1))
-            hi_b = hi * (r if hi_r is None else hi_r.unsqueeze(-1))
-            lo_b, hi_b = lo_b.expand(r.shape[0], out_f, ng, 1), hi_b.expand(r.shape[0], out_f, ng, 1)
-            errs[start : start + r.shape[0]] = _clip_errors(wf, lo_b, hi_b, blocks, spec, buf)
+            r = ratios[start : start + k]
+            kk = r.shape[0]
+            r4 = r.view(1, kk, 1, 1)
+            lo_b = lo * (r4 if lo_r is None else lo_r.t().reshape(ng, 1, out_f, 1))
+            hi_b = hi * (r4 if hi_r is None else hi_r.t().reshape(ng, 1, out_f, 1))
+            lo_b, hi_b = lo_b.expand(ng, kk, out_f, 1), hi_b.expand(ng, kk, out_f, 1)
+            d = flat[: kk * w.numel()].view(ng, kk, out_f, gs)
+            torch.clamp(wg, min=lo_b, max=hi_b, out=d)
+            # the clamped group's min and max, known without a pass over it
+            _pseudo_quantize_(d, spec, gs, torch.maximum(wmin, lo_b)[..., None], torch.minimum(wmax, hi_b)[..., None])
+            d.sub_(wg)
+            dg = d.view(ng, kk * out_f, gs)
+            e = torch.bmm(dg, blocks).mul_(dg).sum(-1)  # [ng, kk*out]
+            errs[start : start + kk] = e.view(ng, kk, out_f).permute(1, 2, 0)
         # ties keep the larger ratio (less clipping): argmin returns the first minimum
         return ratios[errs.argmin(dim=0)]
 
