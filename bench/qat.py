@@ -164,7 +164,12 @@ def plot(result: dict, path: Path) -> None:
             ax_bap.plot([h["block"] for h in hist], [h["epoch_loss"][-1] if h["epoch_loss"] else float("nan")
                                                      for h in hist], "o-", color=line.get_color(),
                         label=f"{label}: last epoch")
-        ax_loss.plot([h["step"] for h in row["history"]], [h["loss"] for h in row["history"]], label=label, alpha=0.8)
+        steps_, losses = [h["step"] for h in row["history"]], [h["loss"] for h in row["history"]]
+        line, = ax_loss.plot(steps_, losses, alpha=0.3, label=f"{label}: per step")
+        k = 10  # one 512-token window per step is noisy: the trend is what the curve is for
+        if len(losses) >= k:
+            avg = [sum(losses[i - k + 1:i + 1]) / k for i in range(k - 1, len(losses))]
+            ax_loss.plot(steps_[k - 1:], avg, color=line.get_color(), label=f"{label}: mean of {k}")
         ax_ppl.plot([c["step"] for c in row["curve"]], [c["heldout_ppl"] for c in row["curve"]], "o-", label=label)
     ax_bap.set(xlabel="block", ylabel="MSE to the float block's output", yscale="log",
                title="Block-AP reconstruction loss")
