@@ -6,7 +6,7 @@ import torch
 import lowbit
 from lowbit.algorithms import ALGORITHMS, AWQ, GPTQ
 from lowbit.algorithms.gptq import Hessian, group_qparams, gptq_quantize
-from lowbit.models import block_linears, get_adapter, get_blocks
+from lowbit.models import block_linears, get_adapter, get_blocks, set_module
 from lowbit.nn import WQLinear
 from lowbit.quant import PerGroup, QuantSpec
 from lowbit.recipes import load_recipe
@@ -207,3 +207,102 @@ def test_asym_calib_model_quantizes_and_beats_gptq_on_calibration_data():
 def test_asym_calib_checked():
     with pytest.raises(ValueError, match="asym_calib"):
         GPTQ(spec(), asym_calib=2.0)
+
+
+@pytest.mark.parametrize("bf16_valued", [True, False])
+def test_bf16_hessian_matches_float32(bf16_valued):
+    """hessian_dtype bfloat16: each batch's X^T X (and the cross term) as a bf16 GEMM, summed in float32.
+    On inputs that are bf16 values already (the linears' inputs under bf16 forwards) the only loss is
+    the rounding of each batch's product; on float32 inputs the operands' rounding adds to it. Bounds:
+    2e-3 of |H| (measured 6e-4 here, 4e-4 to 1.2e-3 on SmolLM2-135M's layers) and 1e-2 of
+    sqrt(H_ii H_jj) for any entry (measured 2e-3); 5e-3 of |C| (measured 1.4e-3 and 2.2e-3), C being
+    small against H (its error is 2e-5 of sqrt(H_ii H_jj))."""
+    x_fp = correlated_inputs(n=2048, d=96, seed=5)
+    x_q = x_fp + 0.1 * x_fp.std(0) * torch.randn(x_fp.shape, generator=torch.Generator().manual_seed(6))
+    if bf16_valued:
+        x_fp, x_q = x_fp.bfloat16().float(), x_q.bfloat16().float()
+    hs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        h = Hessian(96, "cpu", targets=list(x_fp.split(256)), dtype=dt)
+        for part in x_q.split(256):
+            h.add(part)
+        hs[dt] = h
+    h32, h16 = hs[torch.float32], hs[torch.bfloat16]
+    d = h32.H.diagonal()
+    for a, b, bound in ((h32.H, h16.H, 2e-3), (h32.C, h16.C, 5e-3)):
+        assert float((a - b).norm() / a.norm()) < bound
+        assert float(((a - b).abs() / (d[:, None] * d[None, :]).sqrt()).max()) < 1e-2
+    assert float(h16.H.diagonal().min()) > 0
+    # cross_dtype alone: H stays float32's, bit for bit; C is the bf16 one
+    mixed = Hessian(96, "cpu", targets=list(x_fp.split(256)), cross_dtype=torch.bfloat16)
+    for part in x_q.split(256):
+        mixed.add(part)
+    assert torch.equal(mixed.H, h32.H) and torch.equal(mixed.C, h16.C)
+    # exact float32 sums stay what they were
+    torch.testing.assert_close(h32.H, 2 * x_q.t() @ x_q / x_q.shape[0], rtol=1e-4, atol=1e-4)
+
+
+def test_hessian_dtype_checked():
+    with pytest.raises(ValueError, match="hessian_dtype"):
+        GPTQ(spec(), hessian_dtype="float16")
+    with pytest.raises(ValueError, match="cross_dtype"):
+        GPTQ(spec(), cross_dtype="fp32")
+
+
+def test_reused_forwards_change_nothing_in_the_first_block(monkeypatch):
+    """GPTQ runs its steps inside ctx.reuse_outputs and propagates its own final forward (the rounded
+    weights in the float linears): the first block must come out exactly as without reuse, and the
+    propagated outputs must be the packed block's (float32 forwards here: to float32 rounding)."""
+    from contextlib import nullcontext
+
+    from lowbit.calib.runner import BlockContext, BlockRunner
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
+    gaps = []
+
+    class Checked(GPTQ):
+        def quantize_block(self, ctx):
+            super().quantize_block(ctx)
+            if ctx.outputs is not None:  # against the packed weights, dequantized, in float32 linears
+                block = copy.deepcopy(ctx.block)
+                for n, m in block_linears(block, ctx.adapter).items():
+                    lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                    lin.weight.data = m.dequantize_weight()
+                    set_module(block, n, lin)
+                exact = ctx.forward(block)
+                gaps.append(max(float((a - b).norm() / b.norm()) for a, b in zip(ctx.outputs, exact)))
+
+    def run(reuse: bool):
+        q = copy.deepcopy(model)
+        alg = Checked(spec(3, 16), act_order=True)
+        adapter = get_adapter(q)
+        alg.prepare(q, adapter)
+        with monkeypatch.context() as mp, torch.no_grad():
+            if not reuse:
+                mp.setattr(BlockContext, "reuse_outputs", lambda self, names=None: nullcontext())
+            BlockRunner(q, adapter, ids, progress=False).run([alg])
+        return q
+
+    with_reuse, without = run(True), run(False)
+    b0, b1 = get_blocks(with_reuse, get_adapter(with_reuse))[0], get_blocks(without, get_adapter(without))[0]
+    for (n, a), b in zip(block_linears(b0, get_adapter(with_reuse)).items(),
+                         block_linears(b1, get_adapter(without)).values()):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales), n
+    assert gaps and max(gaps) < 1e-5, gaps
+
+
+def test_float32_hessian_of_wide_inputs_is_the_full_product():
+    """Wide inputs accumulate only the upper block triangle of X^T X (Hessian.SYMMETRIC_BLOCK): H must
+    still be the whole symmetric product, block edges and diagonal included, over several batches."""
+    g = torch.Generator().manual_seed(7)
+    d = 2 * Hessian.SYMMETRIC_BLOCK + 77  # three uneven blocks
+    xs = [torch.randn(300, d, generator=g) * torch.linspace(0.1, 3, d) for _ in range(3)]
+    h = Hessian(d, "cpu")
+    for x in xs:
+        h.add(x)
+    x = torch.cat(xs).double()
+    ref = (2 * x.t() @ x / x.shape[0]).float()
+    assert h._triangle
+    torch.testing.assert_close(h.H, ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(h.H, h.H.t())

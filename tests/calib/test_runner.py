@@ -131,3 +131,88 @@ def test_float_inputs_of_named_linears_come_from_the_float_model(tiny_llama):
     for i in got:
         torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(torch.cat(seen[1]), want[1], rtol=1e-3, atol=1e-3)  # the propagated stream differs
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "opt"])
+def test_reused_outputs_are_exact(model_type):
+    """Inside reuse_outputs a second forward of the unchanged block gives the same outputs bit for bit;
+    after a parameter changes in place, the outputs equal a plain forward's of the changed block."""
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    got = {}
+
+    class Check(Algorithm):
+        def quantize_block(self, ctx):
+            if ctx.index:
+                return
+            plain = ctx.forward()
+            with ctx.reuse_outputs():
+                first, again = ctx.forward(), ctx.forward()
+                get_module(ctx.block, adapter.sequential[-1][0]).weight.mul_(0.5)
+                changed = ctx.forward()
+            got.update(plain=plain, first=first, again=again, changed=changed, after=ctx.forward())
+
+    with torch.no_grad():
+        BlockRunner(model, adapter, ids, batch_size=2, progress=False).run([Check()])
+    for a, b, c in zip(got["plain"], got["first"], got["again"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(got["changed"], got["after"]):
+        assert torch.equal(a, b)
+    assert not any(torch.equal(a, b) for a, b in zip(got["changed"], got["plain"]))
+
+
+def test_reuse_skips_the_forward_of_unchanged_modules(tiny_llama):
+    model = tiny_llama
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(4))
+    runs = {}
+
+    class Check(Algorithm):
+        def quantize_block(self, ctx):
+            if ctx.index:
+                return
+            # count the modules' own forward (what reuse replaces), not __call__
+            for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+                m = get_module(ctx.block, n)
+                f = type(m).forward
+                m.forward = lambda x, _m=m, _f=f, _n=n: (runs.__setitem__(_n, runs.get(_n, 0) + 1), _f(_m, x))[1]
+            with ctx.reuse_outputs():
+                ctx.forward()
+                ctx.forward()
+                assert runs == {"self_attn.q_proj": 2, "self_attn.o_proj": 2, "mlp.down_proj": 2}  # 2 chunks
+                get_module(ctx.block, "mlp.down_proj").weight.mul_(0.5)
+                seen = []
+                # an input hook on a reused module still sees every chunk's input
+                ctx.run_inputs(["mlp.down_proj"], lambda n, x: seen.append(x))
+                ctx.forward()
+            assert len(seen) == 2
+            assert runs == {"self_attn.q_proj": 2, "self_attn.o_proj": 2, "mlp.down_proj": 4}
+
+    with torch.no_grad():
+        BlockRunner(model, adapter, ids, batch_size=2, progress=False).run([Check()])
+    assert runs
+
+
+def test_outputs_left_by_the_last_algorithm_are_propagated(tiny_llama):
+    """ctx.outputs replaces the runner's forward only when the last algorithm left it; an earlier
+    algorithm's outputs are dropped (a later one may change the block)."""
+    model = tiny_llama
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    seen = {}
+
+    class Leave(Algorithm):
+        def quantize_block(self, ctx):
+            assert ctx.wants_outputs == (ctx.index == 0)
+            ctx.outputs = [torch.zeros_like(h) for h, _ in ctx.inputs()]
+
+    class Look(Algorithm):
+        def quantize_block(self, ctx):
+            seen[ctx.index] = torch.cat([h for h, _ in ctx.inputs()])
+
+    with torch.no_grad():
+        BlockRunner(model, get_adapter(model), ids, progress=False).run([Look(), Leave()])
+        assert torch.equal(seen[1], torch.zeros_like(seen[1]))
+        BlockRunner(model, get_adapter(model), ids, progress=False).run([Leave(), Look()])
+        expected = model(ids, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(seen[1], expected, rtol=1e-5, atol=1e-5)
