@@ -17,6 +17,11 @@ difficulty into the weights (the paper uses 0.75-0.85 for GLM-130B and Llama-lik
 This step only smooths: the linears stay `nn.Linear`; a rounding step after it (`w8a8`, GPTQ)
 quantizes them. Channels that calibration never saw non-zero keep s = 1 (a fold by a tiny s would
 blow them up on other inputs).
+
+`alpha: auto` picks alpha per pair from `alpha_grid` (the way Intel Neural Compressor's SmoothQuant
+auto-tunes it, here by each pair's own output): the alpha whose smoothed, int8-rounded linears
+(weights on the recipe's grid, activations as the recipe quantizes them) reproduce the float
+outputs on calibration tokens with the least squared error. Only calibration data is read.
 """
 
 from __future__ import annotations
@@ -25,14 +30,18 @@ import logging
 
 import torch
 
-from ..calib.stats import collect_activation_stats
+from ..calib.stats import ActStats
 from ..errors import SpecError
+from ..kernels.int8_gemm import QMAX, quantize_per_token
 from ..models import fold_scales, linear_weight, resolve_scaling_pairs
+from ..nn.w8a8_linear import int8_weight
+from ..quant import PerTensor, PerToken
 from .base import Algorithm
 
 log = logging.getLogger(__name__)
 
 PAIR_KINDS = {"norm": ("norm",), "all": ("norm", "linear")}
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))  # 0.2 .. 0.95
 
 
 def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -44,27 +53,84 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return torch.where(live, s, torch.ones_like(s)).clamp(min=1e-5)
 
 
+def _fake_act(x: torch.Tensor, act: str) -> torch.Tensor:
+    """x `[tokens, in]` after int8 rounding: per token, or on one scale for all of x (dynamic per
+    tensor, or a static scale calibrated as these tokens' absmax)."""
+    if act == "per_token":
+        q, sc = quantize_per_token(x.contiguous())
+        return q.float() * sc
+    sc = x.abs().amax().clamp(min=1e-12) / QMAX
+    return torch.clamp(torch.round(x / sc), -QMAX, QMAX) * sc
+
+
+def smoothing_error(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float,
+                    weight_granularity: str = "channel", act: str = "per_token") -> float:
+    """Squared error of the linears' outputs on x `[tokens, in]` once smoothed with alpha and rounded
+    to int8 (weights per `weight_granularity`, activations per `act`), against the float outputs."""
+    s = smooth_scales(act_absmax, weights, alpha).to(x.device)
+    xq = _fake_act(x.float() / s, act)
+    err = 0.0
+    for w in weights:
+        w = w.detach().float()
+        q, sc = int8_weight(w * s, weight_granularity)
+        wq = q.float() * sc.reshape(-1, 1) if sc.numel() > 1 else q.float() * sc
+        err += float((x.float() @ w.t() - xq @ wq.t()).pow(2).sum())
+    return err
+
+
+def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor],
+                 grid=ALPHA_GRID, weight_granularity: str = "channel", act: str = "per_token"
+                 ) -> tuple[float, dict[float, float]]:
+    """The alpha of `grid` with the least `smoothing_error`, and every alpha's error."""
+    errs = {float(a): smoothing_error(x, act_absmax, weights, float(a), weight_granularity, act) for a in grid}
+    return min(errs, key=errs.get), errs
+
+
 class SmoothQuant(Algorithm):
     name = "smoothquant"
     requires_calibration = True
+    takes_activations = True  # alpha: auto scores each alpha with the activations rounded as the recipe says
 
-    def __init__(self, spec=None, alpha: float | dict = 0.5, pairs: str = "norm"):
-        # alpha: one number, or {model_type: alpha, "default": alpha} for per-model settings
+    def __init__(self, spec=None, alpha: float | str | dict = 0.5, pairs: str = "norm", alpha_grid=None,
+                 search_tokens: int = 2048, activations=None):
+        # alpha: one number, "auto", or {model_type: alpha, "default": alpha} for per-model settings
         self.alpha_setting = alpha
         if pairs not in PAIR_KINDS:
             raise SpecError(f"smoothquant: pairs must be one of {sorted(PAIR_KINDS)}, got {pairs!r}")
         self.pairs = pairs
+        self.alpha_grid = self._check_grid(ALPHA_GRID if alpha_grid is None else alpha_grid)
+        if not isinstance(search_tokens, int) or isinstance(search_tokens, bool) or search_tokens < 1:
+            raise SpecError(f"smoothquant: search_tokens must be a positive integer, got {search_tokens!r}")
+        self.search_tokens = search_tokens
+        # what the rounding step after this one will do, for the alpha search (the recipe's specs;
+        # without them, W8A8 O1's: per-channel weights, per-token activations)
+        self.weight_granularity = "tensor" if isinstance(getattr(spec, "granularity", None), PerTensor) else "channel"
+        self.act = "per_token" if activations is None or isinstance(activations.granularity, PerToken) \
+            else "per_tensor"
         self.alpha = self._alpha_for(None)
         self.last_scales: dict[str, torch.Tensor] = {}  # "model.layers.0.input_layernorm" -> s
+        self.last_alphas: dict[str, float] = {}  # the same keys -> the alpha used (auto: the one chosen)
 
-    def _alpha_for(self, model_type: str | None) -> float:
+    @staticmethod
+    def _check_grid(grid) -> tuple[float, ...]:
+        try:
+            g = tuple(float(a) for a in grid)
+        except (TypeError, ValueError):
+            raise SpecError(f"smoothquant: alpha_grid must be a list of numbers in [0, 1], got {grid!r}") from None
+        if not g or not all(0.0 <= a <= 1.0 for a in g):
+            raise SpecError(f"smoothquant: alpha_grid must be a non-empty list of numbers in [0, 1], got {grid!r}")
+        return g
+
+    def _alpha_for(self, model_type: str | None) -> float | str:
         a = self.alpha_setting
         if isinstance(a, dict):
             a = a.get(model_type, a.get("default", 0.5))
+        if a == "auto":
+            return "auto"
         try:
             a = float(a)
         except (TypeError, ValueError):
-            raise SpecError(f"smoothquant: alpha must be a number in [0, 1], got {a!r}") from None
+            raise SpecError(f"smoothquant: alpha must be a number in [0, 1] or 'auto', got {a!r}") from None
         if not 0.0 <= a <= 1.0:
             raise SpecError(f"smoothquant: alpha must be in [0, 1], got {a}")
         return a
@@ -72,6 +138,29 @@ class SmoothQuant(Algorithm):
     def prepare(self, model, adapter) -> None:
         self._config = getattr(model, "config", None)
         self.alpha = self._alpha_for(getattr(self._config, "model_type", None))
+
+    def _record(self, ctx, names: list[str]) -> tuple[dict[str, ActStats], dict[str, torch.Tensor]]:
+        """Channel maxima of each named linear's input over every calibration token and, for the alpha
+        search, a seeded sample of about `search_tokens` of those tokens (the same rows for every name)."""
+        stats: dict[str, ActStats] = {}
+        kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        seen: dict[str, int] = {n: 0 for n in names}
+        total = sum(c.hidden.shape[0] * c.hidden.shape[1] for c in ctx.chunks)
+        frac = min(1.0, self.search_tokens / max(total, 1))
+
+        def record(name, x):
+            if name not in stats:
+                stats[name] = ActStats.empty(x.shape[-1], x.device)
+            stats[name].add(x)
+            if self.alpha == "auto":
+                k = max(1, round(x.shape[0] * frac))
+                gen = torch.Generator().manual_seed(seen[name])
+                rows = torch.randperm(x.shape[0], generator=gen)[:k].to(x.device)
+                kept[name].append(x.index_select(0, rows).float())
+            seen[name] += 1
+
+        ctx.run_inputs(names, record)
+        return stats, {n: torch.cat(v) for n, v in kept.items() if v}
 
     @torch.no_grad()
     def quantize_block(self, ctx) -> None:
@@ -84,15 +173,26 @@ class SmoothQuant(Algorithm):
             return
         # One forward records every pair's input: a fold changes only its own linears' inputs
         # (prev's outputs / s times W * s), never what another pair reads.
-        stats = collect_activation_stats(ctx, sorted({p.linear_names[0] for p in pairs}))
+        stats, samples = self._record(ctx, sorted({p.linear_names[0] for p in pairs}))
         for pair in pairs:
             st = stats.get(pair.linear_names[0])
             if st is None:
                 log.info("%s: no calibration input reached %s; not smoothed", ctx.name, pair.linear_names)
                 continue
-            s = smooth_scales(st.channel_absmax, [linear_weight(m) for m in pair.linears], self.alpha)
+            weights = [linear_weight(m) for m in pair.linears]
+            alpha = self.alpha
+            if alpha == "auto":
+                alpha, errs = search_alpha(samples[pair.linear_names[0]], st.channel_absmax, weights,
+                                           self.alpha_grid, self.weight_granularity, self.act)
+                log.debug("%s.%s: alpha %.2f (errors %s)", ctx.name, pair.prev_name, alpha, errs)
+            s = smooth_scales(st.channel_absmax, weights, alpha)
             fold_scales(pair.prev, pair.linears, s, pair.kind)
             self.last_scales[f"{ctx.name}.{pair.prev_name}"] = s.cpu()
+            self.last_alphas[f"{ctx.name}.{pair.prev_name}"] = float(alpha)
 
     def config(self) -> dict:
-        return {"method": self.name, "alpha": self.alpha, "pairs": self.pairs}
+        d = {"method": self.name, "alpha": self.alpha, "pairs": self.pairs}
+        if self.alpha == "auto":
+            d.update(alpha_grid=list(self.alpha_grid), search_tokens=self.search_tokens,
+                     alphas=dict(self.last_alphas))
+        return d

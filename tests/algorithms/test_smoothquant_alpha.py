@@ -1,0 +1,106 @@
+"""SmoothQuant's alpha search (alpha: auto): it scores alphas by the int8-rounded pair's output error
+on calibration tokens, keeps the float function, and does at least as well as the fixed default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.algorithms.smoothquant import ALPHA_GRID, SmoothQuant, search_alpha, smoothing_error
+from lowbit.calib import BlockRunner
+from lowbit.errors import SpecError
+from lowbit.models import get_adapter
+from lowbit.recipes import load_recipe
+
+from ..conftest import tiny_model
+from .test_smoothquant import IDS, _with_outlier_channels
+
+
+def _outlier_input(tokens=512, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g)
+    x[:, 5] *= 60.0  # two outlier channels, as LLM activations have them
+    x[:, 9] *= 25.0
+    return x
+
+
+def test_search_picks_the_least_error_and_beats_no_smoothing():
+    x = _outlier_input()
+    w = [torch.randn(96, 64, generator=torch.Generator().manual_seed(1)) * 0.05,
+         torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) * 0.05]
+    absmax = x.abs().amax(0)
+    best, errs = search_alpha(x, absmax, w)
+    assert set(errs) == set(ALPHA_GRID) and best in errs
+    assert errs[best] == min(errs.values())
+    # no smoothing at all: per-token int8 of x as it is, per-channel int8 of W
+    from lowbit.kernels.int8_gemm import quantize_per_token
+    from lowbit.nn.w8a8_linear import int8_weight
+    q, s = quantize_per_token(x)
+    plain = 0.0
+    for wi in w:
+        qw, sw = int8_weight(wi, "channel")
+        plain += float((x @ wi.t() - (q.float() * s) @ (qw.float() * sw).t()).pow(2).sum())
+    assert errs[best] < 0.5 * plain
+    # the error is the float output's: small against the output's energy
+    energy = sum(float((x @ wi.t()).pow(2).sum()) for wi in w)
+    assert errs[best] / energy < 1e-3
+
+
+def test_per_tensor_activations_want_more_smoothing_than_per_token():
+    # a single scale for all tokens suffers more from outlier channels, so the search moves more of
+    # them into the weights
+    x = _outlier_input(seed=3)
+    w = [torch.randn(64, 64, generator=torch.Generator().manual_seed(4)) * 0.05]
+    a_tok, _ = search_alpha(x, x.abs().amax(0), w, act="per_token")
+    a_ten, _ = search_alpha(x, x.abs().amax(0), w, act="per_tensor", weight_granularity="tensor")
+    assert a_ten >= a_tok
+    assert smoothing_error(x, x.abs().amax(0), w, a_ten, "tensor", "per_tensor") > 0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_auto_keeps_the_float_function(model_type):
+    model = _with_outlier_channels(tiny_model(model_type))
+    with torch.no_grad():
+        want = model(IDS).logits
+        sq = SmoothQuant(alpha="auto", pairs="all")
+        sq.prepare(model, get_adapter(model))
+        BlockRunner(model, get_adapter(model), IDS, progress=False).run([sq])
+        got = model(IDS).logits
+    assert set(sq.last_alphas) == set(sq.last_scales) and len(sq.last_alphas) >= 4
+    assert all(a in ALPHA_GRID for a in sq.last_alphas.values())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    cfg = sq.config()
+    assert cfg["alpha"] == "auto" and cfg["alphas"] == sq.last_alphas
+
+
+def test_auto_preset_variant_is_no_worse_than_the_default_alpha(tmp_path):
+    base = _with_outlier_channels(tiny_model("llama"), scale=80.0)
+    with torch.no_grad():
+        want = base(IDS).logits
+
+    def err(alpha):
+        rec = load_recipe("w8a8-sq-o1")
+        rec.steps = [dict(rec.steps[0], alpha=alpha), *rec.steps[1:]]
+        q = lowbit.quantize(_with_outlier_channels(tiny_model("llama"), scale=80.0), rec, IDS, progress=False)
+        with torch.no_grad():
+            return float((q(IDS).logits - want).pow(2).mean() / want.pow(2).mean())
+
+    e_auto, e_half = err("auto"), err(0.5)
+    assert e_auto < 0.01
+    assert e_auto <= 1.1 * e_half
+
+
+def test_alpha_settings_errors():
+    with pytest.raises(SpecError, match="alpha"):
+        SmoothQuant(alpha="sometimes")
+    with pytest.raises(SpecError, match="alpha_grid"):
+        SmoothQuant(alpha="auto", alpha_grid=[0.5, 1.5])
+    with pytest.raises(SpecError, match="alpha_grid"):
+        SmoothQuant(alpha="auto", alpha_grid=[])
+    with pytest.raises(SpecError, match="search_tokens"):
+        SmoothQuant(alpha="auto", search_tokens=0)
+    sq = SmoothQuant(alpha={"llama": "auto", "default": 0.5})
+    model = tiny_model("llama")
+    sq.prepare(model, get_adapter(model))
+    assert sq.alpha == "auto"
