@@ -270,7 +270,7 @@ class BlockContext:
         One change is allowed for: where a child's output *is* the output of its last linear (the
         attention's o_proj, the MLP's down_proj: checked by identity when the child runs, and no other
         tensor returned) and only that linear changed since, the linear alone runs again on its
-        recorded input. `run_inputs` then lets such a child finish before it stops, so that a later
+        recorded input. `run_inputs` then lets the attention finish before it stops, so that a later
         step finds it recorded."""
         linears = self.linears
         if names is None:
@@ -288,11 +288,13 @@ class BlockContext:
                 self._memo = outer
 
     def _last_linear_of_child(self, name: str) -> str | None:
-        """The block's direct child holding linear `name`, if `name` is the last linear (in the adapter's
-        order) inside it."""
+        """The attention: the block's direct child holding its first linear, if `name` is the last
+        linear (in the adapter's order) inside it. Finishing it costs that linear and spares the next
+        step the attention itself; the MLP's elementwise work between its linears is cheaper than its
+        last linear, so finishing the MLP would cost more than it spares."""
         child = name.split(".")[0]
         inside = [n for n in self.adapter.linears if n.startswith(child + ".")]
-        return child if inside and inside[-1] == name else None
+        return child if inside and inside[-1] == name and inside[0] == self.adapter.linears[0] else None
 
     @contextmanager
     def _reusing(self, name: str, module: nn.Module, reused: list[str]):
@@ -403,8 +405,8 @@ class BlockContext:
         """Calls fn(name, x) with each named submodule's input over all chunks, running each chunk's
         forward only until every named module has been reached (what comes after them is not needed,
         which saves most of a forward for the first linears of a block). Inside reuse_outputs, where
-        each named module is the last linear of one of the block's children, that child finishes
-        first (its output can then be reused once the linear changes)."""
+        the named module is the attention's last linear, the attention finishes first (its output can
+        then be reused once the linear changes)."""
         pending: set[str] = set()
         children = {self._last_linear_of_child(n) for n in names} if self._memo is not None else {None}
         defer = None not in children
