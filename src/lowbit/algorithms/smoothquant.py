@@ -22,6 +22,14 @@ blow them up on other inputs).
 auto-tunes it, here by each pair's own output): the alpha whose smoothed, int8-rounded linears
 (weights on the recipe's grid, activations as the recipe quantizes them) reproduce the float
 outputs on calibration tokens with the least squared error. Only calibration data is read.
+On SmolLM2-135M (bench/w8a8_attribution.py, W8A8 O1 simulated, KL on 4 x 512 validation tokens held
+out from the 16 x 512 calibration slices) it picks 0.65-0.9 after the norms and 0.5-0.85 after
+up_proj, and KL goes 0.0103 (alpha 0.5) -> 0.0088, q/k/v's share 0.0031 -> 0.0018.
+
+With a fixed alpha, more calibration is not better: max|X_j| only grows with more tokens, so the
+scales follow the rarest tokens and the weights take more of the range than the typical token needs
+(alpha 0.5, the same held-out windows: KL 0.0103 with 16 x 512, 0.0122 with 64 x 512; down_proj's
+input, where single tokens reach |x| ~ 3000, and q/k/v's carry the growth).
 """
 
 from __future__ import annotations
