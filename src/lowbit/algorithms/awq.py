@@ -26,7 +26,13 @@ Where this departs from AutoAWQ, and why:
   there (objective="linear") measured clearly worse: SmolLM2 W4 g64, 8 x 512 calibration, ppl 34.14
   against 33.77. It runs on `output_tokens` tokens (whole sequences for attention, a stride of
   every sequence for the MLP) in bf16, where AutoAWQ runs every token in the model's dtype. On the
-  same setting 512 bf16 tokens (the default) gave 33.77 in 41 s, 1024 gave 33.40 in 54 s.
+  same setting 512 bf16 tokens (the default) gave 33.77 in 41 s, 1024 gave 33.40 in 54 s. With the
+  statistics, Cholesky and clip changes below, 512 tokens took 37.6 s at 2 threads (machine otherwise
+  idle: input_feat 8.9 s, attention/MLP objective 15.7, linear objective 5.9, clip 5.1, packing 1.0;
+  see `last_timings`), test ppl 33.79. Most of what is left is the attention/MLP objective, which
+  already runs its GEMMs at full speed (batching the candidates measured slower), so its cost grows
+  with output_tokens; a coarse grid (`grid_stride`) was not made the default because these loss
+  curves have several local minima (58 of 60 pairs), and stride 3 missed the grid's best in 5 of 60.
 - The clip search sees every calibration token (AutoAWQ samples 512): the per-group second moments
   cost the same whatever the token count. Only linears whose scale is scored from X^T X keep the
   whole matrix; the others keep its diagonal group blocks (group / in of the work), and the
@@ -684,7 +690,7 @@ class AWQ(Algorithm):
                 losses = torch.full((cand.shape[0],), float("nan"))
                 losses[idx] = out_losses
                 del self._raw[pair.linear_names[0]]
-                tick = self._timed("scale_module_output", tick)
+                tick = self._timed(f"scale_output:{type(pair.inspect).__name__}", tick)
             else:
                 s, losses = search_best_scale(weights, stats, self.spec, self.n_grid, self.duo_scaling, loss_dtype)
                 tick = self._timed("scale_linear_output", tick)
