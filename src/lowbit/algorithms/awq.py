@@ -62,12 +62,13 @@ import torch
 from torch import nn
 
 from ..calib.runner import call_block
+from ..calib.stats import add_product_
+from ..errors import SpecError
 from ..models import fold_scales, linear_weight, resolve_scaling_pairs, set_linear_weight, set_module
 from ..nn import WQLinear
 from ..nn.wq_linear import fp16_scale
 from ..quant import PerGroup, QuantSpec, quantize_dequantize
 from ..quant.primitives import _range_qparams
-from ..errors import SpecError
 from .base import Algorithm
 from .rtn import check_weights
 
@@ -158,10 +159,7 @@ class InputStats:
         x2 = x.detach().reshape(-1, x.shape[-1])
         xc = x2.to(self.dtype)
         if self.gram is not None:
-            if self.dtype == torch.float32:
-                self.gram.addmm_(xc.t(), xc)
-            else:
-                self.gram.add_(xc.t() @ xc)
+            add_product_(self.gram, xc, xc)
         else:
             gs = self.blocks.shape[-1]
             xg = xc.reshape(xc.shape[0], -1, gs).transpose(0, 1)  # [ng, n, gs]

@@ -55,6 +55,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..calib.stats import add_product_
 from ..models import linear_weight, set_linear_weight, set_module
 from ..nn import WQLinear
 from ..nn.wq_linear import fp16_scale
@@ -99,19 +100,11 @@ class Hessian:
     # lose more to GEMM efficiency than the triangle saves). bf16 GEMMs gained nothing from it.
     SYMMETRIC_BLOCK = 512
 
-    @staticmethod
-    def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """acc += a^T b, the product in a's dtype."""
-        if a.dtype == torch.float32:
-            acc.addmm_(a.t(), b)
-        else:
-            acc.add_(a.t() @ b)
-
     def _accumulate_gram(self, x: torch.Tensor) -> None:
         """self.sum += x^T x; in float32 only its upper block triangle (H mirrors it)."""
         d = x.shape[1]
         if self.dtype != torch.float32 or d <= self.SYMMETRIC_BLOCK:
-            self._accumulate(self.sum, x, x)
+            add_product_(self.sum, x, x)
             return
         self._triangle = True
         b = -(-d // -(-d // self.SYMMETRIC_BLOCK))  # equal blocks
@@ -135,7 +128,7 @@ class Hessian:
                 d = fp - x2  # (bf16 arithmetic rounds the float32 difference: the same values, one pass)
             else:
                 d = (fp.float() - x2.float()).to(cd)
-            self._accumulate(self.cross, d, xm if cd == self.dtype else x2.to(cd))
+            add_product_(self.cross, d, xm if cd == self.dtype else x2.to(cd))
 
     @property
     def H(self) -> torch.Tensor:

@@ -12,7 +12,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ActStats", "collect_activation_stats"]
+__all__ = ["ActStats", "add_product_", "collect_activation_stats"]
+
+
+def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a^T b (second moments X^T X, cross terms), the GEMM in a's dtype: a float32 GEMM adds into
+    acc directly; a bf16 one (about twice as fast on CPUs with bf16 dot products) accumulates in float32
+    inside the kernel, but torch's CPU mm returns bf16, so each product is rounded once before the
+    float32 sum."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a.t(), b)
+    else:
+        acc.add_(a.t() @ b)
 
 
 @dataclass
