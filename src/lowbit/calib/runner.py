@@ -172,9 +172,10 @@ class _Memo:
         return tuple(t._version for t in _flat_tensors((self.call, self.out, self.tail)))
 
 
-def _belongs(x, module: nn.Module) -> bool:
+def _without(state: tuple, module: nn.Module) -> tuple:
+    """A `_module_state` less the entries of `module` (its tensors and submodules)."""
     own = {id(t) for t in (*module.parameters(), *module.buffers())} | {id(m) for m in module.modules()}
-    return id(x[0] if isinstance(x, tuple) else x) in own
+    return tuple(x for x in state if id(x[0] if isinstance(x, tuple) else x) not in own)
 
 
 def _replace_tensor(obj, old: torch.Tensor, new: torch.Tensor):
@@ -308,7 +309,7 @@ class BlockContext:
             rest = None
             if tail is not None:
                 lin = get_module(self.block, tail[0])
-                rest = tuple(x for x in state if not _belongs(x, lin))
+                rest = _without(state, lin)
             return _Memo(state, _autocast_state(), call, out, tail, rest)
 
         def lookup(key, call):
@@ -323,7 +324,7 @@ class BlockContext:
                 return None
             tail_name, tail_out, tail_call = m.tail
             lin = get_module(self.block, tail_name)
-            if not _same_state(m.rest, tuple(x for x in state if not _belongs(x, lin))):
+            if not _same_state(m.rest, _without(state, lin)):
                 return None
             new_tail = lin(*tail_call[0], **tail_call[1])
             out = _replace_tensor(m.out, tail_out, new_tail)
