@@ -40,7 +40,7 @@ import torch
 
 from ..calib.stats import ActStats
 from ..errors import SpecError
-from ..kernels.int8_gemm import QMAX, quantize_per_token
+from ..kernels.int8_gemm import quantize_activation
 from ..models import fold_scales, linear_weight, resolve_scaling_pairs
 from ..nn.w8a8_linear import int8_weight
 from ..quant import PerTensor, PerToken
@@ -62,13 +62,10 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
 
 
 def _fake_act(x: torch.Tensor, act: str) -> torch.Tensor:
-    """x `[tokens, in]` after int8 rounding: per token, or on one scale for all of x (dynamic per
-    tensor, or a static scale calibrated as these tokens' absmax)."""
-    if act == "per_token":
-        q, sc = quantize_per_token(x.contiguous())
-        return q.float() * sc
-    sc = x.abs().amax().clamp(min=1e-12) / QMAX
-    return torch.clamp(torch.round(x / sc), -QMAX, QMAX) * sc
+    """x `[tokens, in]` after int8 rounding as the W8A8 module rounds it: per token, or on one scale
+    for all of x (dynamic per tensor, or a static scale calibrated as these tokens' absmax)."""
+    q, sc = quantize_activation(x.contiguous(), act)
+    return q.float() * sc
 
 
 def smoothing_error(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float,
@@ -81,7 +78,7 @@ def smoothing_error(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[tor
     for w in weights:
         w = w.detach().float()
         q, sc = int8_weight(w * s, weight_granularity)
-        wq = q.float() * sc.reshape(-1, 1) if sc.numel() > 1 else q.float() * sc
+        wq = q.float() * sc  # sc is [out, 1] or [1]
         err += float((x.float() @ w.t() - xq @ wq.t()).pow(2).sum())
     return err
 
