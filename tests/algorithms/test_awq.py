@@ -55,13 +55,15 @@ def test_scaling_without_quantization_keeps_the_float_function(model_type):
     torch.testing.assert_close(logits(model, ids), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-def test_awq_beats_rtn_on_outlier_channels_at_w3():
-    def outlier_llama():
-        model = tiny_model("llama")
-        with torch.no_grad():
-            model.model.embed_tokens.weight[:, [3, 17, 40, 58]] *= 20.0
-        return model
+def outlier_llama():
+    """A tiny llama whose embeddings carry four outlier channels (x20): what AWQ's scales are for."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, [3, 17, 40, 58]] *= 20.0
+    return model
 
+
+def test_awq_beats_rtn_on_outlier_channels_at_w3():
     ids = calib_ids(n=4, length=64)
     float_model = outlier_llama()
     ref = logits(float_model, ids)
@@ -214,9 +216,7 @@ def test_subsampled_attention_inputs_keep_their_masks_and_positions():
 
 @pytest.mark.parametrize("objective", ["linear", "output", "refine"])
 def test_every_objective_keeps_the_float_function_and_beats_rtn_on_outliers(objective):
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, [3, 17, 40, 58]] *= 20.0
+    model = outlier_llama()
     ids = calib_ids(n=4, length=64)
     ref = logits(model, ids)
     twin = copy.deepcopy(model)
@@ -334,9 +334,7 @@ def test_awq_options_round_trip_and_bad_values_are_refused():
 
 @pytest.mark.parametrize("step", [{"clip_mode": "asym"}, {"duo_scaling": "both"}, {"forward_dtype": "bfloat16"}])
 def test_awq_variants_beat_rtn_on_outliers(step):
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, [3, 17, 40, 58]] *= 20.0
+    model = outlier_llama()
     ids = calib_ids(n=4, length=64)
     ref = logits(model, ids)
     rtn = copy.deepcopy(model)
@@ -349,9 +347,7 @@ def test_awq_variants_beat_rtn_on_outliers(step):
 def test_coarse_grid_scores_a_subset_exactly_and_finds_a_single_minimum():
     from lowbit.algorithms.awq import scale_grid, search_best_scale_output
 
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, [3, 17, 40, 58]] *= 20.0
+    model = outlier_llama()
     block, _, _, x_mlp = _attention_and_mlp_inputs(model, calib_ids(n=4, length=32))
     spec = QuantSpec(bits=3, symmetric=False, granularity=PerGroup(32))
     lins = [block.mlp.gate_proj, block.mlp.up_proj]
