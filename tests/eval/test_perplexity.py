@@ -135,3 +135,24 @@ def test_cached_reference_gives_the_live_reference_numbers(model, tokenizer, tmp
         assert (r["ppl"], r["kl"], r["top1_agreement"]) == (live["ppl"], live["kl"], live["top1_agreement"])
     assert other["kl"] > 0
     assert not any(tmp_path.iterdir())
+
+
+def test_scoring_the_reference_itself_fills_the_cache(model, tokenizer, tmp_path):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
+    noisy = _perturbed(model, seed=3)
+    plain = evaluate(model, windows, progress=False)
+    live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
+    ref = ReferenceLogits(model, windows, directory=tmp_path)
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        own = evaluate(model, windows, ref_model=ref, batch_size=2, progress=False)
+        n_own = len(calls)
+        other = evaluate(noisy, windows, ref_model=ref, batch_size=2, progress=False)
+    finally:
+        hook.remove()
+        ref.close()
+    assert n_own == 2 and len(calls) == 2  # one forward per batch for its own score, none for the other model
+    assert own["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)
+    assert own["kl"] == 0.0 and own["top1_agreement"] == 1.0
+    assert (other["ppl"], other["kl"], other["top1_agreement"]) == (live["ppl"], live["kl"], live["top1_agreement"])

@@ -87,7 +87,9 @@ class ReferenceLogits:
     Comparing many quantized models with one float model (a benchmark table) otherwise runs the float
     model again for every row: half of all evaluation time. The values are the float32 logits
     themselves, so KL and top-1 come out exactly as with the live model. Pass it to `evaluate` as
-    `ref_model`; windows other than the ones it was built for fall back to running the model.
+    `ref_model`; windows other than the ones it was built for fall back to running the model. Scoring
+    the reference model itself against it (`evaluate(model, windows, ref_model=ReferenceLogits(model,
+    windows))`) fills the cache from that same forward.
     Size: windows x (seqlen - 1) x vocab x 4 bytes on disk (SmolLM2, 40 x 512: 4 GB; Gemma-3: 21 GB).
     """
 
@@ -101,23 +103,36 @@ class ReferenceLogits:
         self._done = torch.zeros(windows.shape[0], dtype=torch.bool)
         self._store = None
 
+    def _cached(self, start: int, batch: torch.Tensor) -> bool:
+        end = start + batch.shape[0]
+        return end <= self.windows.shape[0] and torch.equal(batch.cpu(), self.windows[start:end])
+
     def logits(self, start: int, batch: torch.Tensor) -> torch.Tensor:
         """Logits `[b, seqlen - 1, vocab]` of windows `start .. start + b` (what `evaluate` scores)."""
-        end = start + batch.shape[0]
-        if end > self.windows.shape[0] or not torch.equal(batch.cpu(), self.windows[start:end]):
+        if not self._cached(start, batch):
             return _logits(self.model, batch)[:, :-1]
-        if not bool(self._done[start:end].all()):
-            fresh = _logits(self.model, batch)[:, :-1].float().cpu()
-            if self._store is None:
-                shape = (self.windows.shape[0], *fresh.shape[1:])
-                with open(self._file, "wb") as f:  # sparse: blocks are written as windows come
-                    f.truncate(math.prod(shape) * 4)
-                self._store = torch.from_file(str(self._file), shared=True, size=math.prod(shape),
-                                              dtype=torch.float32).view(shape)
-            self._store[start:end] = fresh
-            self._done[start:end] = True
-            return fresh
-        return self._store[start:end].clone()
+        if not bool(self._done[start : start + batch.shape[0]].all()):
+            return self._keep(start, _logits(self.model, batch)[:, :-1])
+        return self._store[start : start + batch.shape[0]].clone()
+
+    def fill(self, start: int, batch: torch.Tensor, logits: torch.Tensor) -> None:
+        """Stores `logits` (`[b, seqlen - 1, vocab]`, computed by the reference model itself on windows
+        `start .. start + b`), so that scoring the reference model also fills the cache and costs one
+        forward, not two. Windows other than the cached ones are ignored."""
+        if self._cached(start, batch) and not bool(self._done[start : start + batch.shape[0]].all()):
+            self._keep(start, logits)
+
+    def _keep(self, start: int, logits: torch.Tensor) -> torch.Tensor:
+        fresh = logits.float().cpu()
+        if self._store is None:
+            shape = (self.windows.shape[0], *fresh.shape[1:])
+            with open(self._file, "wb") as f:  # sparse: blocks are written as windows come
+                f.truncate(math.prod(shape) * 4)
+            self._store = torch.from_file(str(self._file), shared=True, size=math.prod(shape),
+                                          dtype=torch.float32).view(shape)
+        self._store[start : start + fresh.shape[0]] = fresh
+        self._done[start : start + fresh.shape[0]] = True
+        return fresh
 
     def close(self) -> None:
         self._store = None
@@ -156,7 +171,10 @@ def evaluate(
             logits = _logits(model, batch)[:, :-1]  # [b, seqlen - 1, vocab]
             targets = batch[:, 1:].to(logits.device)
             ref_logits = None
-            if cached:
+            if cached and ref_model.model is model:  # scoring the reference itself: its logits fill the cache
+                ref_model.fill(i, batch, logits)
+                ref_logits = logits
+            elif cached:
                 ref_logits = ref_model.logits(i, batch).to(logits.device)
             elif ref_model is not None:
                 ref_logits = _logits(ref_model, batch)[:, :-1].to(logits.device)
