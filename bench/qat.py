@@ -2,12 +2,12 @@
 
 For each bit width, the `w{bits}a16-qat` recipe (or `--recipe`) at `--group-size`: its PTQ steps
 (GPTQ with act-order by default; `--ptq awq-gptq` swaps in AWQ's scales then GPTQ, `--ptq rtn`
-round-to-nearest) and its Block-AP step (`--no-block-ap` drops it) run block by block on `--calib-samples`
+round-to-nearest; with `--recipe w4a8-qat`, `--ptq zeroquant` or `w4a8`) and its Block-AP step (`--no-block-ap` drops it) run block by block on `--calib-samples`
 windows of wiki.valid.tokens; then E2E-QP (the recipe's `qat` step: distillation from the float model,
 step sizes only when the recipe says `train_weights: false`) trains on wiki.valid.tokens windows for
 `--steps` steps or until the Block-AP time plus the E2E time reach `--budget-minutes`, whichever comes
 first. Measured on the WikiText-2 test (first `--windows` windows of 512 tokens): the PTQ start alone
-(a separate PTQ run; `--skip-ptq` leaves it out), the model after Block-AP, the fake-quant model after
+(a separate PTQ run when Block-AP follows it; `--skip-ptq` leaves it out), the model after Block-AP, the fake-quant model after
 E2E, and the converted model saved in lowbit's format and reloaded with `lowbit.load` (with the default
 kernels, and with `--ref-kernel` the fp32 reference one too).
 
@@ -44,7 +44,9 @@ from lowbit.models import get_adapter
 REPO = Path(__file__).resolve().parents[1]
 WIKI_TEST = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.test.joined.txt"
 WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
-PTQ_RECIPES = {"gptq": "w3a16-gptq", "awq-gptq": "w4a16-awq-gptq", "rtn": "w3a16-rtn"}
+PTQ_RECIPES = {"gptq": "w3a16-gptq", "awq-gptq": "w4a16-awq-gptq", "rtn": "w3a16-rtn",
+               # W4A8 starts (with --recipe w4a8-qat): round to nearest, or ZeroQuant's LKD
+               "w4a8": "w4a8", "zeroquant": "w4a8-zeroquant"}
 
 
 def ppl(model, windows) -> float:
@@ -74,7 +76,8 @@ def run_bits(args, bits: int, teacher, test, train, heldout, calib) -> dict:
     ptq = dataclasses.replace(start, name=f"{args.ptq} W{bits} g{args.group_size}", steps=ptq_steps)
     row = dict(bits=bits, group_size=args.group_size, recipe=recipe.name, ptq=ptq.name, calib_samples=calib.shape[0])
 
-    if not args.skip_ptq:
+    run_bap = bool(bap_steps) and not args.no_block_ap
+    if not args.skip_ptq and run_bap:  # without Block-AP the start below is the PTQ model itself
         model = copy.deepcopy(teacher)
         t0 = time.perf_counter()
         _quantize(model, ptq, calib)
@@ -93,6 +96,10 @@ def run_bits(args, bits: int, teacher, test, train, heldout, calib) -> dict:
     t0 = time.perf_counter()
     algs = _quantize(model, dataclasses.replace(start, steps=steps), calib)
     row["start_seconds"] = time.perf_counter() - t0
+    if not args.skip_ptq and not run_bap:
+        row["ptq_seconds"] = row["start_seconds"]
+        row["ptq_ppl"] = ppl(model, test)
+        print(f"W{bits} {ptq.name}: test ppl {row['ptq_ppl']:.3f} ({row['ptq_seconds']:.0f} s)", flush=True)
     bap = next((a for a in algs if isinstance(a, BlockAP)), None)
     row["block_ap_seconds"] = sum(h["seconds"] for h in bap.history) if bap else 0.0
     row["block_ap"] = None if bap is None else {"config": bap.config(), "history": bap.history}
@@ -156,7 +163,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (ax_bap, ax_loss, ax_ppl) = plt.subplots(1, 3, figsize=(16, 4))
     for row in result["rows"]:
-        label = f"W{row['bits']} g{row['group_size']}"
+        label = f"{row['recipe']} g{row['group_size']}"
         if row.get("block_ap"):
             hist = row["block_ap"]["history"]
             line, = ax_bap.plot([h["block"] for h in hist], [h.get("first_loss", float("nan")) for h in hist], "--",
@@ -179,7 +186,8 @@ def plot(result: dict, path: Path) -> None:
     for ax in (ax_bap, ax_loss, ax_ppl):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['model']}: Block-AP then E2E-QP from {result['ptq']}")
+    stages = "Block-AP then E2E" if any(r.get("block_ap") for r in result["rows"]) else "E2E QAT"
+    fig.suptitle(f"{result['model']}: {stages} from {result['ptq']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

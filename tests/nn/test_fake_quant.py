@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import SpecError
-from lowbit.nn import FakeQuantize, FakeQuantLinear, WQLinear
+from lowbit.nn import FakeQuantize, FakeQuantLinear, W4A8Linear, WQLinear
 from lowbit.quant import (PerChannel, PerGroup, PerTensor, PerToken, QParams, QuantSpec, choose_qparams, dequantize,
                           grad_scale, lsq_grad_factor, quantize)
 
@@ -174,8 +174,13 @@ def test_input_fake_quant_and_its_refusal_to_pack():
     fq = FakeQuantLinear.from_float(lin, spec, input_spec=act)
     x = torch.randn(3, 64, generator=_gen(2))
     assert not torch.equal(fq(x), FakeQuantLinear.from_float(lin, spec)(x))
-    with pytest.raises(SpecError, match="W8A8"):
+    with pytest.raises(SpecError, match="W4A8Linear"):
         fq.to_wqlinear()
+    with pytest.raises(SpecError, match="symmetric int4"):
+        fq.to_w4a8linear()
+    sym = FakeQuantLinear.from_float(lin, spec.replace(symmetric=True), input_spec=act)
+    with pytest.raises(SpecError, match="two-level"):  # float group scales do not fit the integer GEMM
+        sym.to_w4a8linear()
 
 
 def test_bad_specs_are_refused():
@@ -238,3 +243,58 @@ def test_frozen_codes_keep_the_forward_and_train_only_the_scale():
     assert torch.equal(m.weight, w0)
     w = m.quantized_weight()
     assert torch.allclose(m.to_wqlinear().dequantize_weight(), w, rtol=0, atol=1e-6)
+
+
+# ---- W4A8: two-level group scales, int8 activations per token -------------------------------------
+
+@pytest.mark.parametrize("granularity", ["group", "channel", "tensor"])
+def test_w4a8_start_computes_what_the_packed_module_computes_and_trains_back_into_one(granularity):
+    lin = _linear(bias=True)
+    packed = W4A8Linear.from_float(lin, weight_granularity=granularity, group_size=32)
+    fq = FakeQuantLinear.from_w4a8linear(packed)
+    assert (fq.group_mult is not None) == (granularity == "group")
+    x = torch.randn(2, 5, 64, generator=_gen(3)) * 3
+    with torch.no_grad():
+        assert torch.allclose(fq.quantized_weight(), packed.dequantize_weight(), rtol=1e-6, atol=0)
+        # the kernel's int32 GEMM against float arithmetic on the same grids: float32 rounding apart
+        assert torch.allclose(fq(x), packed(x), rtol=1e-4, atol=1e-5)
+    opt = torch.optim.Adam([fq.weight, fq.weight_quant.scale], lr=1e-3)
+    target = lin(x).detach()
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (fq(x) - target).pow(2).mean()
+        loss.backward()
+        assert fq.weight.grad.abs().sum() > 0
+        opt.step()  # the scales get LSQ gradients once the latent weights leave the grid points
+    assert fq.weight_quant.scale.shape == (48, 1)
+    assert not torch.allclose(fq.weight_quant.scale.detach().reshape(-1), packed.weight_scale.expand(48, 1).reshape(-1))
+    again = fq.to_w4a8linear()
+    assert again.weight_granularity == ("group" if granularity == "group" else "channel")
+    if granularity == "group":
+        assert torch.equal(again.group_scale, packed.group_scale)  # the integer multipliers stay fixed
+    with torch.no_grad():
+        assert torch.allclose(again.dequantize_weight(), fq.quantized_weight(), rtol=1e-6, atol=1e-9)
+        assert torch.allclose(again(x), fq(x), rtol=1e-4, atol=1e-5)
+
+
+def test_w4a8_input_rounding_is_the_kernels_per_token_int8():
+    from lowbit.kernels import quantize_per_token
+
+    packed = W4A8Linear.from_float(_linear(), weight_granularity="group", group_size=32)
+    fq = FakeQuantLinear.from_w4a8linear(packed)
+    x = torch.randn(4, 64, generator=_gen(4))
+    x[0, 3] = 40.0  # an outlier sets its token's scale: absmax / 127, not lowbit.quant's / 127.5
+    q, s = quantize_per_token(x)
+    with torch.no_grad():
+        expect = torch.nn.functional.linear(q.float() * s, fq.quantized_weight(), fq.bias)
+        assert torch.allclose(fq(x), expect, rtol=1e-6, atol=1e-6)
+    fq.freeze_codes()
+    assert torch.equal(fq.to_w4a8linear().int4_codes(), packed.int4_codes())
+
+
+def test_two_level_needs_w4a8_weights():
+    with pytest.raises(SpecError, match="two-level"):
+        FakeQuantLinear(64, 48, QuantSpec(bits=3, symmetric=True, granularity=PerGroup(32)), two_level=True)
+    fq = FakeQuantLinear.from_float(_linear(), QuantSpec(bits=4, symmetric=True, granularity=PerGroup(-1)))
+    with pytest.raises(SpecError, match="int8 per token"):  # no input quantization: a WQLinear, not W4A8
+        fq.to_w4a8linear()

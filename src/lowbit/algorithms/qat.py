@@ -9,7 +9,7 @@ same `WQLinear` modules PTQ produces, so the model saves, loads and runs like a 
 
     prepare(model, spec)            decoder-block linears -> FakeQuantLinear (never lm_head/embeddings)
     QATTrainer(model, samples, config, teacher=float_model).train()
-    convert(model)                  FakeQuantLinear -> WQLinear
+    convert(model)                  FakeQuantLinear -> WQLinear (W4A8Linear with int8 activations)
 
 Loss: next-token cross-entropy (`ce` weight) plus, with a teacher (the original float model), the
 distillation KL(teacher || student) over the vocabulary (`distill` weight), per token. AdamW with one
@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, CheckpointError, LowbitError, SpecError
 from ..models import block_linears, get_adapter, get_blocks, is_linear, set_module, untied_state_dict
-from ..nn import FakeQuantLinear, WQLinear
+from ..nn import FakeQuantLinear, W4A8Linear, WQLinear
 from ..quant import QuantSpec
 from .base import Algorithm, settings_from_dict
 
@@ -157,7 +157,8 @@ def prepare(model: nn.Module, spec: QuantSpec | None = None, *, adapter=None, le
             lsq_grad_scale: bool = True, input_spec: QuantSpec | None = None) -> dict[str, FakeQuantLinear]:
     """Swaps every decoder-block linear for a FakeQuantLinear, in place; returns them by name.
 
-    A `WQLinear` (a PTQ result) keeps its grid and becomes the latent weight; a float linear gets a
+    A `WQLinear` (a PTQ result) keeps its grid and becomes the latent weight; a `W4A8Linear` too, with
+    its input rounded per token to int8 (`input_spec` does not apply to it); a float linear gets a
     round-to-nearest grid under `spec`. Embeddings and the head are never touched. Everything in the
     model but the new latent weights and scales is frozen.
     """
@@ -173,6 +174,9 @@ def prepare(model: nn.Module, spec: QuantSpec | None = None, *, adapter=None, le
                 fq = mod
             elif isinstance(mod, WQLinear):
                 fq = FakeQuantLinear.from_wqlinear(mod, name=full, **kw)
+            elif isinstance(mod, W4A8Linear):
+                fq = FakeQuantLinear.from_w4a8linear(mod, learnable_scales=learnable_scales,
+                                                     lsq_grad_scale=lsq_grad_scale, name=full)
             elif is_linear(mod) and isinstance(mod, nn.Linear):
                 if spec is None:
                     raise SpecError(f"layer {full} is a float linear: prepare needs a weight spec for it")
@@ -193,9 +197,10 @@ def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
 
 @torch.no_grad()
 def convert(model: nn.Module) -> nn.Module:
-    """Packs every FakeQuantLinear into the WQLinear it computes, in place; returns the model."""
+    """Packs every FakeQuantLinear into the module it computes, in place: `W4A8Linear` where the input
+    is quantized, `WQLinear` otherwise. Returns the model."""
     for name, m in fake_quant_modules(model).items():
-        set_module(model, name, m.to_wqlinear())
+        set_module(model, name, m.to_wqlinear() if m.input_quant is None else m.to_w4a8linear())
     _checkpointing(model, False)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -222,7 +227,7 @@ def _layout(modules: dict[str, FakeQuantLinear]) -> dict:
         out[name] = {"in_features": m.in_features, "out_features": m.out_features, "spec": m.spec.to_dict(),
                      "bias": m.bias is not None, "act_order": m.perm is not None,
                      "learnable_scales": m.weight_quant.learnable, "lsq_grad_scale": m.weight_quant.lsq_grad_scale,
-                     "frozen_codes": m.codes is not None,
+                     "frozen_codes": m.codes is not None, "two_level": m.group_mult is not None,
                      "input_spec": None if m.input_quant is None else m.input_quant.spec.to_dict()}
     return out
 
@@ -236,7 +241,7 @@ def _rebuild(model: nn.Module, layout: dict) -> dict[str, FakeQuantLinear]:
         m = FakeQuantLinear(c["in_features"], c["out_features"], QuantSpec.from_dict(c["spec"]), bias=c["bias"],
                             act_order=c["act_order"], learnable_scales=c["learnable_scales"],
                             lsq_grad_scale=c["lsq_grad_scale"], input_spec=None if inp is None else QuantSpec.from_dict(inp),
-                            name=name)
+                            two_level=c.get("two_level", False), name=name)
         try:
             set_module(model, name, m)
         except AttributeError as e:

@@ -65,7 +65,7 @@ from torch import nn
 
 from ..calib.runner import call_block
 from ..errors import SpecError
-from ..kernels.int8_gemm import QMAX, SCALE_EPS
+from ..kernels.int8_gemm import fake_quantize_per_token
 from ..models import linear_weight, set_module
 from ..nn import W4A8Linear, W8A8Linear
 from ..nn.w4a8_linear import INT4_MAX, INT4_MIN, int4_weight
@@ -135,9 +135,7 @@ class _StudentLinear(nn.Module):
         return _ste(w, self.grid.codes(w.detach()) * self.grid.step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        s = xf.detach().abs().amax(dim=-1, keepdim=True).div(QMAX).clamp(min=SCALE_EPS)
-        xq = _ste(xf, torch.clamp(torch.round(xf.detach() / s), -QMAX, QMAX) * s)
+        xq = fake_quantize_per_token(x)
         b = None if self.bias is None else self.bias.to(x.device)
         return F.linear(xq, self.quantized_weight(), b).to(x.dtype)
 

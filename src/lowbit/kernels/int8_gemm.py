@@ -60,6 +60,7 @@ __all__ = [
     "int8_gemm",
     "int8_gemm_ref",
     "prepare_int8",
+    "fake_quantize_per_token",
     "quantize_activation",
     "quantize_per_tensor",
     "quantize_per_token",
@@ -119,6 +120,16 @@ def quantize_per_token(x: torch.Tensor, *, offset: int = 0) -> tuple[torch.Tenso
         return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
     scale = x.detach().abs().amax(dim=-1, keepdim=True).float().div_(QMAX).clamp_(min=SCALE_EPS)
     return _shift(torch.clamp(torch.round(x.float() / scale), -QMAX, QMAX).to(torch.int8), offset), scale
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x rounded onto the grid `quantize_per_token` gives it (each row's absmax / 127), in float32, with
+    a straight-through gradient: what trains a layer whose packed form quantizes its input per token
+    (QAT, ZeroQuant's LKD) sees exactly the kernel's rounding, not lowbit.quant's absmax / 127.5 grid."""
+    xf = x.float()
+    scale = xf.detach().abs().amax(dim=-1, keepdim=True).div(QMAX).clamp(min=SCALE_EPS)
+    dq = torch.clamp(torch.round(xf.detach() / scale), -QMAX, QMAX) * scale
+    return xf + (dq - xf).detach()
 
 
 def quantize_per_tensor(x: torch.Tensor, *, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,13 @@ the latent weight, so training starts exactly where RTN, AWQ or GPTQ ended). `to
 back into the `WQLinear` PTQ produces, computing what the fake-quant forward computed: the forward
 already rounds scales to the fp16 that `WQLinear` stores.
 
+With quantized activations (`input_spec`) it trains the W4A8 layout and packs to `W4A8Linear`
+(`to_w4a8linear`): symmetric int4 codes whose group scales are a float scale per output row times
+an integer multiplier k in [1, 16] per group (`two_level`; the multipliers come from the PTQ start,
+`from_w4a8linear`, and stay fixed, because the integer GEMM needs them integral; the row scales train
+with LSQ), the input rounded per token onto the kernel's int8 grid
+(`kernels.int8_gemm.fake_quantize_per_token`), so the packed module computes what training saw.
+
 `freeze_codes()` fixes the integer codes the latent weight rounds to now, after which the forward is
 (codes - zero) * scale and only the scale trains (EfficientQAT's E2E-QP). Training scales by LSQ
 through the rounding does not work there: a latent weight that sits on its grid (any PTQ start)
@@ -31,17 +38,22 @@ from torch import nn
 from ..errors import SpecError
 from ..quant import (PerChannel, PerGroup, PerTensor, PerToken, QParams, QuantSpec, check_group_size,
                      choose_qparams, fake_quantize, grad_scale, lsq_grad_factor, quantize, straight_through)
+from ..kernels.int8_gemm import fake_quantize_per_token
+from ..kernels.w4a8 import GROUP_SCALE_MAX
 from ..quant.primitives import SCALE_EPS
+from .w4a8_linear import W4A8Linear
 from .wq_linear import WQLinear, fp16_scale
 
 __all__ = ["FakeQuantize", "FakeQuantLinear"]
 
 
-def _stored_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The scale as the packed module will hold it (positive, rounded to fp16), with a straight-through
-    gradient to the float one being learned."""
+def _stored_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The scale as the packed module will hold it (positive, rounded to `dtype`: fp16 for WQLinear,
+    float32 for W4A8Linear's row scales), with a straight-through gradient to the float one learned."""
     s = scale.clamp_min(SCALE_EPS)
-    return straight_through(s, s.detach().to(torch.float16).float().clamp_min(SCALE_EPS))
+    if dtype == torch.float32:
+        return s
+    return straight_through(s, s.detach().to(dtype).float().clamp_min(SCALE_EPS))
 
 
 class FakeQuantize(nn.Module):
@@ -55,11 +67,13 @@ class FakeQuantize(nn.Module):
     """
 
     def __init__(self, spec: QuantSpec, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
-                 *, learnable: bool = False, lsq_grad_scale: bool = True, learnable_zero: bool = False):
+                 *, learnable: bool = False, lsq_grad_scale: bool = True, learnable_zero: bool = False,
+                 scale_dtype: torch.dtype = torch.float16):
         super().__init__()
         if spec.is_codebook:
             raise SpecError(f"fake quantization trains integer grids only, got {spec}")
         self.spec = spec
+        self.scale_dtype = scale_dtype
         self.learnable = bool(learnable)
         self.lsq_grad_scale = bool(lsq_grad_scale)
         self.learnable_zero = bool(learnable_zero) and not spec.symmetric
@@ -100,7 +114,7 @@ class FakeQuantize(nn.Module):
         zero = self.zero_point
         if zero is not None:
             zero = straight_through(zero, zero.detach().round().clamp(self.spec.qmin, self.spec.qmax))
-        return QParams(scale=_stored_scale(scale), zero_point=zero)
+        return QParams(scale=_stored_scale(scale, self.scale_dtype), zero_point=zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.dynamic:
@@ -132,6 +146,15 @@ def _weight_spec(spec: QuantSpec, in_features: int, name: str) -> QuantSpec:
     return spec.replace(granularity=PerGroup(g))
 
 
+KERNEL_INPUT_SPEC = QuantSpec(bits=8, symmetric=True, granularity=PerToken(), dynamic=True)
+
+
+def _is_kernel_input(spec: QuantSpec | None) -> bool:
+    """int8 per token, dynamic: what W8A8/W4A8 kernels do to their input (`quantize_per_token`)."""
+    return (spec is not None and spec.bits == 8 and spec.symmetric and spec.dtype == "int" and spec.dynamic
+            and isinstance(spec.granularity, PerToken))
+
+
 def _activation_spec(spec: QuantSpec | None) -> QuantSpec | None:
     if spec is None:
         return None
@@ -148,14 +171,18 @@ class FakeQuantLinear(nn.Module):
     weight  float `[out, in]` latent weight, input channels in model order (a Parameter);
     perm    int64 `[in]` act-order permutation (GPTQ's desc_act), or None: groups are formed over the
             columns `weight[:, perm]`, as `WQLinear` stores them;
-    weight_quant  the grid: scale `[out, in / G]`, zero point `[out, in / G]` (asymmetric);
-    input_quant   an activation `FakeQuantize`, or None (weight-only);
+    weight_quant  the grid: scale `[out, in / G]`, zero point `[out, in / G]` (asymmetric); with
+            `two_level`, scale `[out, 1]` (float32, per row) times `group_mult`;
+    group_mult    float `[out, in / G]` integer multipliers in [1, 16] (two_level only), fixed;
+    input_quant   an activation `FakeQuantize`, or None (weight-only); int8 per token, dynamic, uses
+            the kernel's grid;
     codes   uint8 / int8 `[out, in]` in stored column order once `freeze_codes()` ran, else None.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, *, bias: bool = False,
                  act_order: bool = False, learnable_scales: bool = True, lsq_grad_scale: bool = True,
-                 learnable_zeros: bool = False, input_spec: QuantSpec | None = None, name: str = ""):
+                 learnable_zeros: bool = False, input_spec: QuantSpec | None = None, two_level: bool = False,
+                 name: str = ""):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.spec = _weight_spec(spec, in_features, name)
@@ -164,10 +191,22 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         ng = in_features // self.group_size
-        self.weight_quant = FakeQuantize(self.spec, torch.ones(out_features, ng),
-                                         None if self.spec.symmetric else torch.zeros(out_features, ng),
-                                         learnable=learnable_scales, lsq_grad_scale=lsq_grad_scale,
-                                         learnable_zero=learnable_zeros)
+        if two_level:
+            if not (self.spec.symmetric and self.spec.bits == 4 and self.spec.dtype == "int"):
+                raise SpecError(f"layer {name or '?'}: two-level group scales are W4A8's layout: 4-bit symmetric "
+                                f"integer weights, got {self.spec}")
+            self.weight_quant = FakeQuantize(self.spec.replace(granularity=PerGroup(in_features)),
+                                             torch.ones(out_features, 1), learnable=learnable_scales,
+                                             lsq_grad_scale=lsq_grad_scale, scale_dtype=torch.float32)
+            self.register_buffer("group_mult", torch.ones(out_features, ng))
+        else:
+            # a layer with int8 inputs packs into W4A8Linear, whose scales are float32; WQLinear's are fp16
+            self.weight_quant = FakeQuantize(self.spec, torch.ones(out_features, ng),
+                                             None if self.spec.symmetric else torch.zeros(out_features, ng),
+                                             learnable=learnable_scales, lsq_grad_scale=lsq_grad_scale,
+                                             learnable_zero=learnable_zeros,
+                                             scale_dtype=torch.float32 if _is_kernel_input(input_spec) else torch.float16)
+            self.group_mult = None
         if act_order:
             self.register_buffer("perm", torch.arange(in_features))
         else:
@@ -206,6 +245,22 @@ class FakeQuantLinear(nn.Module):
         m._set(q.dequantize_weight(), q.scales.float(), zeros, q.bias, q.perm)
         return m.to(q.scales.device)
 
+    @classmethod
+    def from_w4a8linear(cls, q: W4A8Linear, *, learnable_scales: bool = True, lsq_grad_scale: bool = True,
+                        name: str = "") -> "FakeQuantLinear":
+        """A W4A8 PTQ result as the starting point: its int4 codes on its grid (per row, or the two-level
+        groups with their integer multipliers), its input rounded per token to int8 as the kernel does."""
+        spec = QuantSpec(bits=4, symmetric=True,
+                         granularity=PerGroup(q.group_size if q.weight_granularity == "group" else -1))
+        m = cls(q.in_features, q.out_features, spec, bias=q.bias is not None, learnable_scales=learnable_scales,
+                lsq_grad_scale=lsq_grad_scale, input_spec=KERNEL_INPUT_SPEC,
+                two_level=q.weight_granularity == "group", name=name)
+        row = q.weight_scale.float().reshape(-1, 1).expand(q.out_features, 1)  # a per-tensor scale trains per row
+        if m.group_mult is not None:
+            m.group_mult.copy_(q.group_scale.float())
+        m._set(q.dequantize_weight(), row, None, q.bias, None)
+        return m.to(q.qweight.device)
+
     @torch.no_grad()
     def _set(self, weight, scale, zero, bias, perm) -> None:
         self.weight.copy_(weight.float())
@@ -222,7 +277,7 @@ class FakeQuantLinear(nn.Module):
         """Fixes the codes the latent weight rounds to now; from here on the forward dequantizes them
         with the (trainable) scale, and the latent weight is left alone (no gradient)."""
         if self.codes is None:
-            self.codes = self._codes(self.weight_quant.qparams(self.group_size))
+            self.codes = self._codes(self.weight_qparams())
         self.weight.requires_grad_(False)
 
     def _codes(self, qp: QParams) -> torch.Tensor:
@@ -233,24 +288,34 @@ class FakeQuantLinear(nn.Module):
                                    else qp.zero_point.detach()), self.spec)
 
     # ---- compute ------------------------------------------------------------------------------
+    def weight_qparams(self) -> QParams:
+        """The grid the forward uses: scale `[out, in / G]` (two-level: row scale times multiplier)."""
+        if self.group_mult is None:
+            return self.weight_quant.qparams(self.group_size)
+        row = self.weight_quant.qparams(self.in_features)
+        return QParams(scale=row.scale * self.group_mult, zero_point=None)
+
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight `[out, in]`, input channels in model order."""
+        qp = self.weight_qparams()
         if self.codes is not None:
-            qp = self.weight_quant.qparams(self.group_size)
             q = self.codes.float().view(self.out_features, -1, self.group_size)  # [out, in / G, G]
             if qp.zero_point is not None:
                 q = q - qp.zero_point.unsqueeze(-1)
             wq = (q * qp.scale.unsqueeze(-1)).reshape(self.out_features, self.in_features)
         else:
             w = self.weight if self.perm is None else self.weight.index_select(1, self.perm)
-            wq = self.weight_quant(w)
+            wq = fake_quantize(w, self.spec, qp)
         if self.perm is not None:
             wq = wq.index_select(1, torch.argsort(self.perm))
         return wq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
-            x = self.input_quant(x)
+            if _is_kernel_input(self.input_quant.spec):
+                x = fake_quantize_per_token(x).to(x.dtype)
+            else:
+                x = self.input_quant(x)
         return F.linear(x, self.quantized_weight().to(x.dtype),
                         None if self.bias is None else self.bias.to(x.dtype))
 
@@ -258,16 +323,39 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def to_wqlinear(self) -> WQLinear:
         """The packed module computing what this one computes (weight-only: no input quantization)."""
-        if self.input_quant is not None:
-            raise SpecError(f"layer {self.name or '?'}: packing quantized activations needs a W8A8/W4A8 module; "
-                            f"only weight-only fake quantization converts to WQLinear")
-        qp = self.weight_quant.qparams(self.group_size)
+        if self.input_quant is not None or self.group_mult is not None:
+            raise SpecError(f"layer {self.name or '?'}: quantized activations or two-level group scales pack into "
+                            f"W4A8Linear (to_w4a8linear); only weight-only fake quantization converts to WQLinear")
+        qp = self.weight_qparams()
         codes = self.codes if self.codes is not None else self._codes(qp)
         zero = None if qp.zero_point is None else qp.zero_point.detach()
         return WQLinear.from_codes(codes, qp.scale.detach(), zero, self.spec, bias=self.bias, perm=self.perm,
                                    name=self.name).to(self.weight.device)
 
+    @torch.no_grad()
+    def to_w4a8linear(self) -> W4A8Linear:
+        """The W4A8 module computing what this one computes: int4 codes, the row scales, and the group
+        multipliers (two-level) or one group per row; the input per token in int8."""
+        if not _is_kernel_input(None if self.input_quant is None else self.input_quant.spec):
+            raise SpecError(f"layer {self.name or '?'}: W4A8Linear quantizes its input to int8 per token (dynamic); "
+                            f"this layer's input is {None if self.input_quant is None else self.input_quant.spec}")
+        if not (self.spec.symmetric and self.spec.bits == 4) or self.perm is not None:
+            raise SpecError(f"layer {self.name or '?'}: W4A8Linear holds symmetric int4 weights in model order, "
+                            f"got {self.spec}{' with act-order' if self.perm is not None else ''}")
+        if self.group_mult is None and self.group_size != self.in_features:
+            raise SpecError(f"layer {self.name or '?'}: float scales per group of {self.group_size} do not fit the "
+                            f"integer GEMM; W4A8 groups are two-level (train from a W4A8Linear start)")
+        qp = self.weight_qparams()
+        codes = (self.codes if self.codes is not None else self._codes(qp)).to(torch.int8)
+        if self.group_mult is None:
+            return W4A8Linear.from_codes(codes, qp.scale.detach(), self.bias, name=self.name)
+        row = self.weight_quant.qparams(self.in_features).scale.detach()
+        mult = self.group_mult.round().clamp(1, GROUP_SCALE_MAX).to(torch.uint8)
+        return W4A8Linear.from_codes(codes, row, self.bias, group_scale=mult, group_size=self.group_size,
+                                     name=self.name)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}, "
                 f"bias={self.bias is not None}" + (", act_order" if self.perm is not None else "")
+                + (", two-level group scales" if self.group_mult is not None else "")
                 + (", frozen codes" if self.codes is not None else ""))
