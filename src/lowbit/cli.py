@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-qat", help="quantization-aware training from a PTQ start, packed and saved like PTQ")
     t.add_argument("model", help="HF checkpoint directory or zoo name (the float model; also the distillation teacher)")
-    _recipe_args(t, "w4a16-qat", "a QAT preset (w4a16-qat, w3a16-qat, w2a16-qat) or .yaml")
+    _recipe_args(t, "w4a16-qat", "a QAT preset (w4a16-qat, w3a16-qat, w2a16-qat, w4a8-qat) or .yaml")
     t.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     t.add_argument("--calib", help="training text file (also the PTQ start's calibration)")
     t.add_argument("--calib-samples", type=int, help="PTQ start: calibration windows")
