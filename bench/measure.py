@@ -43,6 +43,9 @@ class Reference:
     # The float model's logits on `windows`, computed by the first row that needs them, then read back
     # (a temporary float32 file: 4 GB for SmolLM2, 21 GB for Gemma-3 on 40 x 512).
     logits: ReferenceLogits | None = None
+    # Where to keep those logits after the run, for later runs on the same model and windows (None: a
+    # temporary file).
+    logits_path: str | None = None
 
 
 def resolve_source(model: str) -> Path:
@@ -64,7 +67,7 @@ def load_reference(model: str, text: str | os.PathLike = WIKI_TEST, windows: int
 def quality(model: nn.Module, ref: Reference) -> dict:
     """ppl, KL and top-1 agreement against the float model (the float model itself: KL 0, top-1 1)."""
     if ref.logits is None:
-        ref.logits = ReferenceLogits(ref.fp, ref.windows)
+        ref.logits = ReferenceLogits(ref.fp, ref.windows, path=ref.logits_path, key=str(ref.src))
     if model is ref.fp:  # its own forward fills the cache the quantized rows read: one float pass, not two
         res = evaluate(model, ref.windows, ref_model=ref.logits)
         return {"ppl": res["ppl"], "kl": 0.0, "top1_agreement": 1.0}

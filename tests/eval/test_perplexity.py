@@ -156,3 +156,30 @@ def test_scoring_the_reference_itself_fills_the_cache(model, tokenizer, tmp_path
     assert own["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)
     assert own["kl"] == 0.0 and own["top1_agreement"] == 1.0
     assert (other["ppl"], other["kl"], other["top1_agreement"]) == (live["ppl"], live["kl"], live["top1_agreement"])
+
+
+def test_kept_reference_logits_are_reused_by_a_later_run(model, tokenizer, tmp_path):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=3)
+    noisy = _perturbed(model, seed=4)
+    live = evaluate(noisy, windows, ref_model=model, progress=False)
+    plain = evaluate(model, windows, progress=False)
+    path = tmp_path / "ref.f32"
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first = ReferenceLogits(model, windows, path=path, key="m")
+        evaluate(noisy, windows[:2], ref_model=first, progress=False)  # two of three windows
+        first.close()
+        assert len(calls) == 2 and path.is_file()
+        second = ReferenceLogits(model, windows, path=path, key="m")
+        own = evaluate(model, windows, ref_model=second, progress=False)  # the float row: reads 2, runs 1
+        assert len(calls) == 3
+        again = evaluate(noisy, windows, ref_model=second, progress=False)
+        assert len(calls) == 3
+        other_key = ReferenceLogits(model, windows, path=path, key="another model")
+        evaluate(noisy, windows[:1], ref_model=other_key, progress=False)
+        assert len(calls) == 4  # not reused: the key differs
+    finally:
+        hook.remove()
+    assert own["ppl"] == pytest.approx(plain["ppl"], rel=1e-6) and own["kl"] == 0.0
+    assert (again["ppl"], again["kl"], again["top1_agreement"]) == (live["ppl"], live["kl"], live["top1_agreement"])

@@ -7,6 +7,7 @@ GPTQ and AWQ papers, so numbers compare with theirs at the same `seqlen`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -89,19 +90,41 @@ class ReferenceLogits:
     themselves, so KL and top-1 come out exactly as with the live model. Pass it to `evaluate` as
     `ref_model`; windows other than the ones it was built for fall back to running the model. Scoring
     the reference model itself against it (`evaluate(model, windows, ref_model=ReferenceLogits(model,
-    windows))`) fills the cache from that same forward.
+    windows))`) fills the cache from that same forward, or reads it from the cache. With `path`, the
+    file outlives the run (see `__init__`).
     Size: windows x (seqlen - 1) x vocab x 4 bytes on disk (SmolLM2, 40 x 512: 4 GB; Gemma-3: 21 GB).
     """
 
-    def __init__(self, model, windows: torch.Tensor, directory: str | os.PathLike | None = None):
+    def __init__(self, model, windows: torch.Tensor, directory: str | os.PathLike | None = None,
+                 path: str | os.PathLike | None = None, key: str = ""):
+        """`path`: keep the logits in this file after `close` (and beside it, in `path`.json, which
+        windows are done), so that later runs on the same windows read them instead of running the
+        model. They are reused only when the JSON records the same windows (SHA-256) and the same `key`,
+        which should name the reference model (its checkpoint path): the file cannot tell models apart."""
+        import hashlib
         import tempfile
 
         self.model = model
         self.windows = windows.clone()
-        self._dir = tempfile.TemporaryDirectory(prefix="lowbit-ref-", dir=directory)
-        self._file = Path(self._dir.name) / "logits.f32"
         self._done = torch.zeros(windows.shape[0], dtype=torch.bool)
         self._store = None
+        self._dir = None
+        if path is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="lowbit-ref-", dir=directory)
+            self._file = Path(self._dir.name) / "logits.f32"
+            self._meta = None
+            return
+        self._file = Path(path)
+        self._meta = self._file.with_name(self._file.name + ".json")
+        self._id = {"windows_sha256": hashlib.sha256(self.windows.numpy().tobytes()).hexdigest(), "key": key}
+        if self._file.is_file() and self._meta.is_file():
+            meta = json.loads(self._meta.read_text())
+            shape = meta.get("shape")
+            if ({k: meta.get(k) for k in self._id} == self._id and shape
+                    and self._file.stat().st_size == math.prod(shape) * 4):
+                self._store = torch.from_file(str(self._file), shared=True, size=math.prod(shape),
+                                              dtype=torch.float32).view(shape)
+                self._done = torch.tensor(meta["done"], dtype=torch.bool)
 
     def _cached(self, start: int, batch: torch.Tensor) -> bool:
         end = start + batch.shape[0]
@@ -132,11 +155,21 @@ class ReferenceLogits:
                                           dtype=torch.float32).view(shape)
         self._store[start : start + fresh.shape[0]] = fresh
         self._done[start : start + fresh.shape[0]] = True
+        if self._meta is not None:
+            self._meta.write_text(json.dumps({**self._id, "shape": list(self._store.shape),
+                                              "done": self._done.tolist()}))
         return fresh
+
+    def cached_logits(self, start: int, batch: torch.Tensor) -> torch.Tensor | None:
+        """The stored logits of windows `start .. start + b`, or None where they are not all stored."""
+        if self._cached(start, batch) and bool(self._done[start : start + batch.shape[0]].all()):
+            return self._store[start : start + batch.shape[0]].clone()
+        return None
 
     def close(self) -> None:
         self._store = None
-        self._dir.cleanup()
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 def evaluate(
@@ -168,10 +201,13 @@ def evaluate(
     with torch.inference_mode(), eval_mode(model, ref_model.model if cached else ref_model):
         for i in tqdm(batches, desc=desc, unit="batch" if batch_size > 1 else "window", disable=not progress):
             batch = windows[i : i + batch_size]
-            logits = _logits(model, batch)[:, :-1]  # [b, seqlen - 1, vocab]
+            own = cached and ref_model.model is model  # scoring the reference itself
+            logits = ref_model.cached_logits(i, batch) if own else None
+            if logits is None:
+                logits = _logits(model, batch)[:, :-1]  # [b, seqlen - 1, vocab]
             targets = batch[:, 1:].to(logits.device)
             ref_logits = None
-            if cached and ref_model.model is model:  # scoring the reference itself: its logits fill the cache
+            if own:  # its logits fill the cache (or came from it)
                 ref_model.fill(i, batch, logits)
                 ref_logits = logits
             elif cached:
