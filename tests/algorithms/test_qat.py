@@ -188,6 +188,20 @@ def test_cli_train_qat_trains_saves_and_resumes(tmp_path, tiny_dir, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_train_qat_w4a8_packs_w4a8linear(tmp_path, tiny_dir):
+    from lowbit.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("Integer GEMMs want int8 activations and int4 weights in two-level groups. " * 60)
+    out = tmp_path / "w4a8"
+    assert main(["train-qat", str(tiny_dir), "--recipe", "w4a8-qat", "--group-size", "32", "--calib", str(text),
+                 "--calib-samples", "4", "--calib-seqlen", "16", "--train-seqlen", "16", "--train-samples", "4",
+                 "--steps", "2", "--out", str(out)]) == 0
+    model = lowbit.load(out)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, W4A8Linear) and up.weight_granularity == "group" and up.group_size == 32
+
+
 def test_frozen_weights_train_the_scales_only_and_leave_latent_weights_bit_identical(monkeypatch):
     """E2E-QP: the codes stay where PTQ (or Block-AP) put them, the step sizes learn."""
     monkeypatch.setenv("LOWBIT_WINT_BACKEND", "ref")
