@@ -37,30 +37,22 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def module_config(m: nn.Module) -> dict:
+    if not isinstance(m, (WQLinear, SpQRLinear, W8A8Linear, W4A8Linear)):  # MixedInt8Linear is a W8A8Linear
+        raise CheckpointError(f"cannot save module of type {type(m).__name__}")
+    common = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+              "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
     if isinstance(m, WQLinear):
-        return {"class": "WQLinear", "in_features": m.in_features, "out_features": m.out_features,
-                "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
-                "codebook": m.codebook is not None, "bias": m.bias is not None, "act_order": m.perm is not None,
-                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
+        return {"class": "WQLinear", **common, "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric,
+                "codebook": m.codebook is not None, "act_order": m.perm is not None}
     if isinstance(m, SpQRLinear):
-        return {"class": "SpQRLinear", "in_features": m.in_features, "out_features": m.out_features,
-                "bits": m.bits, "group_size": m.group_size, "qq_scale_bits": m.qq_scale_bits,
-                "qq_zero_bits": m.qq_zero_bits, "qq_groupsize": m.qq_groupsize, "n_outliers": m.n_outliers,
-                "bias": m.bias is not None, "act_order": m.perm is not None,
-                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
+        return {"class": "SpQRLinear", **common, "bits": m.bits, "group_size": m.group_size,
+                "qq_scale_bits": m.qq_scale_bits, "qq_zero_bits": m.qq_zero_bits, "qq_groupsize": m.qq_groupsize,
+                "n_outliers": m.n_outliers, "act_order": m.perm is not None}
     if isinstance(m, MixedInt8Linear):  # before W8A8Linear, its base class
-        return {"class": "MixedInt8Linear", "in_features": m.in_features, "out_features": m.out_features,
-                "threshold": m.threshold, "bias": m.bias is not None,
-                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
+        return {"class": "MixedInt8Linear", **common, "threshold": m.threshold}
     if isinstance(m, W8A8Linear):
-        return {"class": "W8A8Linear", "in_features": m.in_features, "out_features": m.out_features,
-                "weight_granularity": m.weight_granularity, "act_mode": m.act_mode, "bias": m.bias is not None,
-                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
-    if isinstance(m, W4A8Linear):
-        return {"class": "W4A8Linear", "in_features": m.in_features, "out_features": m.out_features,
-                "weight_granularity": m.weight_granularity, "group_size": m.group_size, "bias": m.bias is not None,
-                "bias_dtype": str(m.bias.dtype).replace("torch.", "") if m.bias is not None else None}
-    raise CheckpointError(f"cannot save module of type {type(m).__name__}")
+        return {"class": "W8A8Linear", **common, "weight_granularity": m.weight_granularity, "act_mode": m.act_mode}
+    return {"class": "W4A8Linear", **common, "weight_granularity": m.weight_granularity, "group_size": m.group_size}
 
 
 def module_from_config(c: dict, name: str) -> nn.Module:
