@@ -161,9 +161,14 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_bap, ax_loss, ax_ppl) = plt.subplots(1, 3, figsize=(16, 4))
+    has_bap = any(r.get("block_ap") for r in result["rows"])
+    if has_bap:
+        fig, (ax_bap, ax_loss, ax_ppl) = plt.subplots(1, 3, figsize=(16, 4))
+    else:  # a recipe without Block-AP (w4a8-qat): no empty panel
+        fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+        ax_bap = None
     for row in result["rows"]:
-        label = f"{row['recipe']} g{row['group_size']}"
+        label = row["recipe"].split(" (")[0]  # the name, without the spec the loader appends
         if row.get("block_ap"):
             hist = row["block_ap"]["history"]
             line, = ax_bap.plot([h["block"] for h in hist], [h.get("first_loss", float("nan")) for h in hist], "--",
@@ -178,12 +183,13 @@ def plot(result: dict, path: Path) -> None:
             avg = [sum(losses[i - k + 1:i + 1]) / k for i in range(k - 1, len(losses))]
             ax_loss.plot(steps_[k - 1:], avg, color=line.get_color(), label=f"{label}: mean of {k}")
         ax_ppl.plot([c["step"] for c in row["curve"]], [c["heldout_ppl"] for c in row["curve"]], "o-", label=label)
-    ax_bap.set(xlabel="block", ylabel="MSE to the float block's output", yscale="log",
-               title="Block-AP reconstruction loss")
-    ax_loss.set(xlabel="E2E step", ylabel="distillation loss", title="E2E-QP training loss")
-    ax_ppl.set(xlabel="E2E step (0: after Block-AP)", ylabel="perplexity", yscale="log",
-               title=f"held-out wiki.valid perplexity ({result['heldout_windows']} x {result['seqlen']})")
-    for ax in (ax_bap, ax_loss, ax_ppl):
+    if has_bap:
+        ax_bap.set(xlabel="block", ylabel="MSE to the float block's output", yscale="log",
+                   title="Block-AP reconstruction loss")
+    ax_loss.set(xlabel="E2E step", ylabel="distillation loss", title="E2E training loss")
+    ax_ppl.set(xlabel=f"E2E step (0: {'after Block-AP' if has_bap else 'the PTQ start'})", ylabel="perplexity",
+               yscale="log", title=f"held-out wiki.valid perplexity ({result['heldout_windows']} x {result['seqlen']})")
+    for ax in (ax for ax in (ax_bap, ax_loss, ax_ppl) if ax is not None):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     stages = "Block-AP then E2E" if any(r.get("block_ap") for r in result["rows"]) else "E2E QAT"
