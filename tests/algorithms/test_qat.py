@@ -188,6 +188,26 @@ def test_cli_train_qat_trains_saves_and_resumes(tmp_path, tiny_dir, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_w4a8_qat_trains_the_group_multipliers_when_asked():
+    model = tiny_model("llama")
+    lowbit.quantize(model, "w4a8", group_size=32, progress=False)
+    qat.prepare(model)
+    start = {n: m.group_mult.detach().clone() for n, m in qat.fake_quant_modules(model).items()}
+    cfg = _config(steps=6, distill=1.0, ce=0.0, train_weights=False, scale_lr=1e-5, mult_lr=0.5)
+    trainer = qat.QATTrainer(model, _samples(), cfg, teacher=tiny_model("llama"), progress=False)
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["scales", "multipliers"]
+    trainer.train()
+    mods = qat.fake_quant_modules(model)
+    moved = sum(int((m.group_mult.detach().round() != start[n]).sum()) for n, m in mods.items())
+    assert moved > 0
+    ids = _samples(2, seed=7)
+    ref = _logits(model, ids)
+    qat.convert(model)
+    got = {n: model.get_submodule(n).group_scale for n in mods}
+    assert all(int(g.min()) >= 1 and int(g.max()) <= 16 for g in got.values())
+    assert ((_logits(model, ids) - ref).norm() / ref.norm()).item() < 2e-2
+
+
 def test_cli_train_qat_w4a8_packs_w4a8linear(tmp_path, tiny_dir):
     from lowbit.cli import main
 

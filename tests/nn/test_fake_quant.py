@@ -298,3 +298,26 @@ def test_two_level_needs_w4a8_weights():
     fq = FakeQuantLinear.from_float(_linear(), QuantSpec(bits=4, symmetric=True, granularity=PerGroup(-1)))
     with pytest.raises(SpecError, match="int8 per token"):  # no input quantization: a WQLinear, not W4A8
         fq.to_w4a8linear()
+
+
+def test_w4a8_group_multipliers_train_straight_through_and_pack_as_integers():
+    packed = W4A8Linear.from_float(_linear(), weight_granularity="group", group_size=32)
+    fq = FakeQuantLinear.from_w4a8linear(packed)
+    fq.freeze_codes()
+    fq.group_mult.requires_grad_(True)
+    x = torch.randn(6, 64, generator=_gen(5))
+    fq(x).pow(2).sum().backward()
+    assert fq.group_mult.grad is not None and fq.group_mult.grad.abs().sum() > 0
+    with torch.no_grad():
+        k = packed.group_scale.float()
+        fq.group_mult.copy_(k + 0.3)  # rounds back to k: the forward does not move
+        assert torch.equal(fq.weight_qparams().scale, fq.weight_quant.scale * k)
+        fq.group_mult[0, 0] = float(packed.group_scale[0, 0]) - 0.7  # rounds to k - 1 (at least 1)
+        fq.group_mult[1, 1] = 40.0  # clamped to 16: q * k must stay in int8
+        again = fq.to_w4a8linear()
+        want = k.clone()
+        want[0, 0] = max(1.0, want[0, 0] - 1)
+        want[1, 1] = 16.0
+        assert torch.equal(again.group_scale.float(), want)
+        assert torch.equal(again.int4_codes(), packed.int4_codes())
+        assert torch.allclose(again.dequantize_weight(), fq.quantized_weight(), rtol=1e-6, atol=1e-9)

@@ -97,6 +97,9 @@ class QATConfig:
     grad_clip: float = 1.0
     learnable_scales: bool = True
     lsq_grad_scale: bool = True
+    # W4A8's integer group multipliers (two-level grids): > 0 trains them at this rate as floats rounded
+    # straight-through to integers in [1, 16]; 0 keeps the PTQ start's
+    mult_lr: float = 0.0
     ce: float = 0.0  # weight of the next-token loss
     distill: float = 1.0  # weight of KL(teacher || student); needs the float model as teacher
     autocast: str | None = "bfloat16"  # forward/backward matmuls under CPU autocast (AMX / AVX512-BF16)
@@ -107,7 +110,7 @@ class QATConfig:
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
             raise SpecError(f"qat: steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
-        if self.lr < 0 or self.scale_lr < 0:
+        if self.lr < 0 or self.scale_lr < 0 or self.mult_lr < 0:
             raise SpecError("qat: learning rates must be >= 0")
         if self.ce < 0 or self.distill < 0 or self.ce + self.distill == 0:
             raise SpecError(f"qat: needs a loss: ce={self.ce}, distill={self.distill}")
@@ -286,6 +289,11 @@ class QATTrainer:
         scales = [m.weight_quant.scale for m in self.modules.values() if m.weight_quant.learnable]
         if scales:
             groups.append({"params": scales, "lr": self.config.scale_lr, "name": "scales"})
+        mults = [m.group_mult for m in self.modules.values() if m.group_mult is not None]
+        if mults and self.config.mult_lr > 0:
+            for p in mults:
+                p.requires_grad_(True)
+            groups.append({"params": mults, "lr": self.config.mult_lr, "name": "multipliers"})
         if not groups:
             raise LowbitError("qat: nothing to train (train_weights is off and the scales are not learnable)")
         self.base_lrs = [g["lr"] for g in groups]

@@ -19,8 +19,8 @@ already rounds scales to the fp16 that `WQLinear` stores.
 With quantized activations (`input_spec`) it trains the W4A8 layout and packs to `W4A8Linear`
 (`to_w4a8linear`): symmetric int4 codes whose group scales are a float scale per output row times
 an integer multiplier k in [1, 16] per group (`two_level`; the multipliers come from the PTQ start,
-`from_w4a8linear`, and stay fixed, because the integer GEMM needs them integral; the row scales train
-with LSQ), the input rounded per token onto the kernel's int8 grid
+`from_w4a8linear`; the integer GEMM needs them integral, so they stay fixed, or train as floats that
+the forward rounds straight-through, like learned zero points; the row scales train with LSQ), the input rounded per token onto the kernel's int8 grid
 (`kernels.int8_gemm.fake_quantize_per_token`), so the packed module computes what training saw.
 
 `freeze_codes()` fixes the integer codes the latent weight rounds to now, after which the forward is
@@ -173,7 +173,8 @@ class FakeQuantLinear(nn.Module):
             columns `weight[:, perm]`, as `WQLinear` stores them;
     weight_quant  the grid: scale `[out, in / G]`, zero point `[out, in / G]` (asymmetric); with
             `two_level`, scale `[out, 1]` (float32, per row) times `group_mult`;
-    group_mult    float `[out, in / G]` integer multipliers in [1, 16] (two_level only), fixed;
+    group_mult    float `[out, in / G]` multipliers (two_level only), used rounded to integers in
+            [1, 16]; a frozen Parameter unless QAT trains it (straight-through);
     input_quant   an activation `FakeQuantize`, or None (weight-only); int8 per token, dynamic, uses
             the kernel's grid;
     codes   uint8 / int8 `[out, in]` in stored column order once `freeze_codes()` ran, else None.
@@ -198,7 +199,9 @@ class FakeQuantLinear(nn.Module):
             self.weight_quant = FakeQuantize(self.spec.replace(granularity=PerGroup(in_features)),
                                              torch.ones(out_features, 1), learnable=learnable_scales,
                                              lsq_grad_scale=lsq_grad_scale, scale_dtype=torch.float32)
-            self.register_buffer("group_mult", torch.ones(out_features, ng))
+            # a parameter so that QAT may train it (`QATConfig.mult_lr`), rounded straight-through to an
+            # integer in the forward; frozen unless the trainer turns its gradient on
+            self.group_mult = nn.Parameter(torch.ones(out_features, ng), requires_grad=False)
         else:
             # a layer with int8 inputs packs into W4A8Linear, whose scales are float32; WQLinear's are fp16
             self.weight_quant = FakeQuantize(self.spec, torch.ones(out_features, ng),
@@ -293,7 +296,9 @@ class FakeQuantLinear(nn.Module):
         if self.group_mult is None:
             return self.weight_quant.qparams(self.group_size)
         row = self.weight_quant.qparams(self.in_features)
-        return QParams(scale=row.scale * self.group_mult, zero_point=None)
+        mult = self.group_mult
+        mult = straight_through(mult, mult.detach().round().clamp(1, GROUP_SCALE_MAX))
+        return QParams(scale=row.scale * mult, zero_point=None)
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight `[out, in]`, input channels in model order."""
