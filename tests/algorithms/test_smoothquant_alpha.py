@@ -47,6 +47,32 @@ def test_search_picks_the_least_error_and_beats_no_smoothing():
     assert errs[best] / energy < 1e-3
 
 
+@pytest.mark.parametrize("wg,act", [("channel", "per_token"), ("tensor", "per_tensor")])
+def test_error_is_the_dequantized_float_products(wg, act):
+    # the search scores with one integer GEMM over the stacked pair; it must be the error of the
+    # dequantized operands, linear by linear (per-tensor weight scales stay per linear)
+    from lowbit.algorithms.smoothquant import smooth_scales
+    from lowbit.kernels.int8_gemm import quantize_activation
+    from lowbit.nn.w8a8_linear import int8_weight
+
+    x = _outlier_input(tokens=256, seed=5)
+    w = [torch.randn(48, 64, generator=torch.Generator().manual_seed(6)) * 0.05,
+         torch.randn(16, 64, generator=torch.Generator().manual_seed(7)) * 0.5]
+    absmax = x.abs().amax(0)
+    for alpha in (0.3, 0.75):
+        s = smooth_scales(absmax, w, alpha)
+        q, sx = quantize_activation((x / s).contiguous(), act)
+        xq = q.float() * sx
+        want = 0.0
+        for wi in w:
+            qw, sw = int8_weight(wi * s, wg)
+            want += float((x @ wi.t() - xq @ (qw.float() * sw).t()).pow(2).sum())
+        got = smoothing_error(x, absmax, w, alpha, wg, act)
+        assert got == pytest.approx(want, rel=1e-3)
+    _, errs = search_alpha(x, absmax, w, grid=(0.3, 0.75), weight_granularity=wg, act=act)
+    assert errs[0.75] == pytest.approx(smoothing_error(x, absmax, w, 0.75, wg, act), rel=1e-6)
+
+
 def test_per_tensor_activations_want_more_smoothing_than_per_token():
     # a single scale for all tokens suffers more from outlier channels, so the search moves more of
     # them into the weights
