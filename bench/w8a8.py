@@ -15,7 +15,7 @@ prefill of the whole model, bf16 float against W8A8 (sq-o1) in bf16, with and wi
 quantizing q/k/v's and gate/up's input once (lowbit.nn.act_quant_norm). Threads: OMP_NUM_THREADS.
 
     python bench/w8a8.py --model smollm2-135m [--windows 40] [--calib-samples 64] [--only w8a8-sq-o1,...]
-        [--no-speed] [--speed-only] [--json out.json]
+        [--no-speed] [--speed-only] [--ref-logits FILE] [--json out.json]
 
 `--only` also takes recipe .yaml files (variants of a preset: another alpha, LKD off), each row named
 by the file's stem.
@@ -145,6 +145,9 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "w8a8"))
+    ap.add_argument("--ref-logits", default=None, metavar="FILE",
+                    help="keep the float model's logits on the windows in FILE (SmolLM2 40 x 512: 4 GB; Gemma-3: "
+                         "21 GB) for later runs on the same windows, which then skip the float forward")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -154,6 +157,7 @@ def main() -> None:
 
     if not a.speed_only:
         ref = load_reference(a.model, WIKI_TEST, a.windows, a.seqlen)
+        ref.logits_path = a.ref_logits
         rows = [dict(method="float (fp32)", bits_per_weight=32.0, quant_seconds=0.0, **quality(ref.fp, ref))]
         for preset in (a.only.split(",") if a.only else PRESETS):
             recipe = preset  # a preset name, or a recipe .yaml (a variant), whose row is named by its file stem

@@ -9,15 +9,17 @@ the other columns). A row is "what this much quantization costs", so the rows of
 about the all-linears row when the errors are independent.
 
     python bench/w8a8_attribution.py [--model smollm2-135m] [--windows 4] [--text valid|test]
-        [--configs a8:all,w8:all,...] [--stats] [--smooth ALPHA [--calib-samples 16] [--pairs all]]
-        [--json out.json]
+        [--configs a8:all,w8:all,...] [--threshold 6.0[,4,3,...]] [--stats]
+        [--smooth ALPHA [--calib-samples 16] [--pairs all] [--search-tokens 2048]] [--json out.json]
 
 `--smooth` first folds SmoothQuant's scales (lowbit's `smoothquant` step alone, calibrated on random
 slices of wiki.valid.tokens) into the float model, so the rows show what is left after smoothing.
 
 A config is `<what>:<kinds>`: what is `w8` (weights only), `a8` (activations per token), `a8o` (per
 token with the LLM.int8() decomposition at --threshold), `w8a8`, `w8a8o`; kinds are `all` or a
-`+`-joined subset of qkv, o, gateup, down, or `blockN` (every linear of block N).
+`+`-joined subset of qkv, o, gateup, down, or `blockN` (every linear of block N). Several
+`--threshold`s run each decomposition config (`a8o`, `w8a8o`) once per threshold, and print what
+share of the linears' input columns each one leaves in float (the 16-bit matmul's width).
 """
 
 from __future__ import annotations
@@ -151,20 +153,45 @@ def input_stats(model, ids: torch.Tensor, threshold: float) -> list[dict]:
     return out
 
 
+@torch.inference_mode()
+def float_column_share(model, ids: torch.Tensor, thresholds: list[float]) -> dict[float, float]:
+    """Per threshold: the input columns LLM.int8() leaves in float (some |x| > threshold in the call),
+    as a share of all input columns, averaged over every linear's 512-token calls, weighted by the
+    work they carry (columns x output features)."""
+    mods = select(model, "all")
+    kept = {t: 0.0 for t in thresholds}
+    total = [0.0]
+
+    def hook(mod, args):
+        colmax = args[0].reshape(-1, args[0].shape[-1]).float().abs().amax(0)
+        total[0] += colmax.numel() * mod.out_features
+        for t in thresholds:
+            kept[t] += float((colmax > t).sum()) * mod.out_features
+
+    hs = [m.register_forward_pre_hook(hook) for m in mods.values()]
+    for w in ids:
+        model(input_ids=w[None], use_cache=False)
+    for h in hs:
+        h.remove()
+    return {t: kept[t] / max(total[0], 1.0) for t in thresholds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--text", choices=("valid", "test"), default="valid")
-    ap.add_argument("--threshold", type=float, default=6.0)
+    ap.add_argument("--threshold", default="6.0", help="LLM.int8() threshold(s), comma-separated")
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     ap.add_argument("--stats", action="store_true", help="also print the inputs' outlier statistics")
     ap.add_argument("--smooth", default=None, help="SmoothQuant alpha (a number or auto) folded in first")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--pairs", default="all")
+    ap.add_argument("--search-tokens", type=int, default=None, help="alpha auto: tokens scored per pair")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    thresholds = [float(t) for t in a.threshold.split(",")]
     model = lowbit.load(resolve_source(a.model))
     model.eval()
     text = WIKI_VALID if a.text == "valid" else WIKI_TEST
@@ -176,6 +203,9 @@ def main() -> None:
     with torch.inference_mode():
         for i in range(ids.shape[0]):  # the float logits now, before any hook changes the model
             ref.logits(i, ids[i : i + 1])
+    # every window is cached now; without the model, evaluate() scores the hooked model against the
+    # float logits instead of taking it for the reference and reading them back (KL 0)
+    ref.model = None
     base = evaluate(model, ids, progress=False)
     result = {"model": a.model, "windows": a.windows, "text": str(text), "float_ppl": base["ppl"], "rows": []}
     if a.smooth is not None:
@@ -184,7 +214,8 @@ def main() -> None:
 
         rec = Recipe(name="smooth-only", description="", weights=QuantSpec(bits=8, symmetric=True,
                      granularity=PerChannel()), steps=[{"method": "smoothquant", "pairs": a.pairs,
-                                              "alpha": a.smooth if a.smooth == "auto" else float(a.smooth)}])
+                                              "alpha": a.smooth if a.smooth == "auto" else float(a.smooth),
+                                              **({"search_tokens": a.search_tokens} if a.search_tokens else {})}])
         calib = lowbit.calib.text_file(WIKI_VALID, n_samples=a.calib_samples, seqlen=512)
         t0 = time.perf_counter()
         lowbit.quantize(model, rec, calib, progress=False)
@@ -198,23 +229,33 @@ def main() -> None:
                 got = [v for k, v in alphas.items() if k.endswith("." + prev)]
                 print(f"  alphas chosen after {prev}: {' '.join(f'{v:.2f}' for v in got)}", flush=True)
     print(f"{a.model}: {a.windows} x {a.seqlen} of {text.name}{' (held out from calibration)' if a.text == 'valid' else ''}, float ppl {base['ppl']:.3f}", flush=True)
+    if any(c.split(":")[0].endswith("o") for c in a.configs.split(",")):
+        share = float_column_share(model, ids, thresholds)
+        result["float_column_share"] = {str(t): v for t, v in share.items()}
+        print("  LLM.int8() columns left in float, share of the GEMM work: "
+              + ", ".join(f"> {t:g}: {100 * v:.2f}%" for t, v in share.items()), flush=True)
     if a.stats:
-        result["stats"] = input_stats(model, ids, a.threshold)
+        result["stats"] = input_stats(model, ids, thresholds[0])
         for r in result["stats"]:
             print(f"  {r['kind']:>6} inputs ({r['in']} wide): absmax {r['absmax']:.1f}, "
-                  f"{r['outlier_cols_per_call']:.1f} columns > {a.threshold} per call, median token "
+                  f"{r['outlier_cols_per_call']:.1f} columns > {thresholds[0]:g} per call, median token "
                   f"absmax/mean|x| {r['median_token_absmax_over_mean']:.1f}", flush=True)
-    for cfg in a.configs.split(","):
+    runs = [(cfg, t) for cfg in a.configs.split(",")
+            for t in (thresholds if cfg.split(":")[0].endswith("o") else [None])]
+    for cfg, thr in runs:
         t0 = time.perf_counter()
-        app = Applied(model, cfg, a.threshold)
+        app = Applied(model, cfg, thr if thr is not None else thresholds[0])
         try:
             res = evaluate(model, ids, ref_model=ref, progress=False)
         finally:
             app.close()
         row = {"config": cfg, "ppl": res["ppl"], "kl": res["kl"], "top1": res["top1_agreement"],
                "dppl_pct": 100 * (res["ppl"] / base["ppl"] - 1)}
+        if thr is not None:
+            row["threshold"] = thr
         result["rows"].append(row)
-        print(f"  {cfg:>14}: KL {row['kl']:.5f}  ppl {row['ppl']:.3f} ({row['dppl_pct']:+.2f}%)  "
+        label = cfg if thr is None else f"{cfg} @{thr:g}"
+        print(f"  {label:>18}: KL {row['kl']:.5f}  ppl {row['ppl']:.3f} ({row['dppl_pct']:+.2f}%)  "
               f"top-1 {row['top1']:.3f}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     ref.close()
     if a.json:

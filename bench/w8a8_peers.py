@@ -19,6 +19,12 @@ target: <= 0.5).
     python bench/w8a8_peers.py [--model smollm2-135m] [--windows 40] [--calib-samples 64]
         [--lowbit w8a8-sq-o1,w8a8-llm-int8] [--peers llmc-w8a8,bnb-int8,torchao-w8a8] [--threads 1]
         [--json bench/out/w8a8_peers.json]
+    python bench/w8a8_peers.py --merge a.json,b.json,... [--json merged.json]
+
+A whole run (llm-compressor alone quantizes for about 9 minutes at one thread) can be split into one
+process per row (`--lowbit w8a8-sq-o1 --peers ""`, `--lowbit "" --peers llmc-w8a8`, ...), each with
+its own `--json`; `--merge` then checks that they scored the same model, windows and calibration ids
+and prints the one table, float taken from the first.
 """
 
 from __future__ import annotations
@@ -97,6 +103,30 @@ def tables(rows: list[dict], float_ppl: float) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str | None) -> None:
+    """One table from the JSONs of split runs, which must agree on what they scored."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("model", "windows", "seqlen")
+    for p, r in zip(paths[1:], runs[1:]):
+        for k in same:
+            if r[k] != runs[0][k]:
+                raise SystemExit(f"--merge: {p} has {k} {r[k]!r}, {paths[0]} {runs[0][k]!r}")
+        if r["calibration"]["ids_sha256"] != runs[0]["calibration"]["ids_sha256"]:
+            raise SystemExit(f"--merge: {p} was calibrated on other token ids than {paths[0]}")
+        f0, f1 = runs[0]["rows"][0]["ppl"], r["rows"][0]["ppl"]
+        if abs(f0 - f1) > 1e-6 * f0:  # the same float model on the same windows
+            raise SystemExit(f"--merge: float ppl {f1} in {p} against {f0} in {paths[0]}")
+    rows = [runs[0]["rows"][0]] + [row for r in runs for row in r["rows"][1:]]
+    payload = {**{k: runs[0][k] for k in (*same, "calibration")}, "merged_from": paths,
+               "threads": sorted({r["threads"] for r in runs}), "rows": rows}
+    payload["markdown"] = tables(rows, rows[0]["ppl"])
+    if out:
+        write_json(out, payload)
+    print(payload["markdown"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -111,8 +141,14 @@ def main() -> None:
     ap.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer process")
     ap.add_argument("--work-dir", default=None, help="peer logs and outputs (default: a temp dir)")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "w8a8_peers"), help="lowbit checkpoints")
+    ap.add_argument("--ref-logits", default=None, metavar="FILE",
+                    help="keep the float model's logits on the windows in FILE (SmolLM2 40 x 512: 4 GB; Gemma-3: "
+                         "21 GB) for later runs on the same windows, which then skip the float forward")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", default=None, help="comma-separated JSONs of split runs: print their one table")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge.split(","), args.json)
     presets = [p for p in args.lowbit.split(",") if p]
     peers = [p for p in args.peers.split(",") if p]
     if unknown := [p for p in peers if p not in PEERS]:
@@ -126,6 +162,7 @@ def main() -> None:
     print(f"[w8a8-peers] work dir {work} (peer logs)", flush=True)
 
     ref = load_reference(args.model, args.text, args.windows, args.seqlen)
+    ref.logits_path = args.ref_logits
     from safetensors.torch import save_file
 
     samples = lowbit.calib.text_file(args.calib, n_samples=args.calib_samples, seqlen=512).samples(
