@@ -372,8 +372,8 @@ def test_int4cpp_matches_reference_for_every_row_tile(n, k, group):
 
 
 def test_extension_build_failure_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_wint_cpp, "_failed_once", False)
-    monkeypatch.setattr(_wint_cpp, "_load", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    monkeypatch.setattr(_wint_cpp.EXT, "failed", False)
+    monkeypatch.setattr(_wint_cpp.EXT, "_load", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
     with pytest.warns(RuntimeWarning, match="C\\+\\+ wint kernels unavailable"):
         assert _wint_cpp.load() is None
     import warnings

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,3 +68,41 @@ def build(prefix: str, source: str, namespace: str, extra_cflags: tuple[str, ...
         verbose=False,
     )
     return getattr(torch.ops, namespace)
+
+
+class Extension:
+    """One optional kernel library: `load()` builds it on first use and checks it with `selftest(ops)`
+    against the torch expressions it replaces; it returns the ops, or None when the environment
+    variable `env` turns it off or the build or the self-test failed (warned once: the torch paths
+    take over, slower but the same numbers)."""
+
+    def __init__(self, prefix: str, source: str, namespace: str, env: str, selftest, extra_cflags: tuple[str, ...] = ()):
+        self.prefix, self.source, self.namespace, self.env = prefix, source, namespace, env
+        self.selftest, self.extra_cflags = selftest, tuple(extra_cflags)
+        self.failed = False
+        self._ops = None
+
+    def enabled(self) -> bool:
+        return os.environ.get(self.env, "1").strip().lower() not in ("0", "false", "no", "off")
+
+    def build_dir(self) -> Path:
+        return build_dir(self.prefix, self.source, self.extra_cflags)
+
+    def _load(self):
+        if self._ops is None:
+            ops = build(self.prefix, self.source, self.namespace, self.extra_cflags)
+            self.selftest(ops)
+            self._ops = ops
+        return self._ops
+
+    def load(self):
+        if not self.enabled() or self.failed:
+            return None
+        try:
+            return self._load()
+        except Exception as e:  # no compiler, a compile error, a failed self-test: torch ops instead
+            self.failed = True
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            warnings.warn(f"lowbit: C++ {self.prefix} kernels unavailable, using torch ops ({type(e).__name__}: {msg})",
+                          RuntimeWarning, stacklevel=3)
+            return None

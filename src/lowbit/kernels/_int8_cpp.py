@@ -21,9 +21,6 @@ off; a failed build warns once and the callers use the torch expressions.
 
 from __future__ import annotations
 
-import functools
-import os
-import warnings
 
 import torch
 
@@ -249,16 +246,6 @@ TORCH_LIBRARY(lowbit_int8, m) {
 }
 """
 
-_failed_once = False
-
-
-def enabled() -> bool:
-    return os.environ.get(EXT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def build_dir():
-    return _cpp_ext.build_dir("int8", _SOURCE, CFLAGS)
-
 
 def _selftest(ext) -> None:
     """One small case of each op against the torch expressions, bit for bit."""
@@ -275,23 +262,7 @@ def _selftest(ext) -> None:
         raise RuntimeError("self-test against the torch expressions failed")
 
 
-@functools.lru_cache(maxsize=1)
-def _load():
-    ext = _cpp_ext.build("int8", _SOURCE, "lowbit_int8", CFLAGS)
-    _selftest(ext)
-    return ext
-
-
-def load():
-    """The compiled ops, or None (disabled, or the build failed: warned once)."""
-    global _failed_once
-    if not enabled() or _failed_once:
-        return None
-    try:
-        return _load()
-    except Exception as e:  # no compiler, a compile error, a failed self-test: torch expressions instead
-        _failed_once = True
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        warnings.warn(f"lowbit: C++ int8 kernels unavailable, using torch ops ({type(e).__name__}: {msg})",
-                      RuntimeWarning, stacklevel=2)
-        return None
+EXT = _cpp_ext.Extension("int8", _SOURCE, "lowbit_int8", EXT_ENV, _selftest, CFLAGS)
+load = EXT.load  # the compiled ops, or None (turned off, or the build failed: warned once)
+enabled = EXT.enabled
+build_dir = EXT.build_dir

@@ -17,10 +17,6 @@ and warns once; callers fall back to the torch ops.
 
 from __future__ import annotations
 
-import functools
-import os
-import warnings
-from pathlib import Path
 
 import torch
 
@@ -250,16 +246,6 @@ TORCH_LIBRARY(lowbit_wint, m) {
 }
 """
 
-_failed_once = False
-
-
-def build_dir() -> Path:
-    return _cpp_ext.build_dir("wint", _SOURCE)
-
-
-def enabled() -> bool:
-    return os.environ.get(EXT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
 
 def _selftest(ext) -> None:
     """The kernels assume torch's int4pack layout: check them against the aten op once."""
@@ -279,26 +265,7 @@ def _selftest(ext) -> None:
         raise RuntimeError(f"self-test against aten int4pack failed (rel. err {err:.3g}, {err_dq:.3g})")
 
 
-@functools.lru_cache(maxsize=1)
-def _load():
-    ext = _build()
-    _selftest(ext)
-    return ext
-
-
-def _build():
-    return _cpp_ext.build("wint", _SOURCE, "lowbit_wint")
-
-
-def load():
-    """The compiled module, or None (disabled, or the build failed: warned once)."""
-    global _failed_once
-    if not enabled() or _failed_once:
-        return None
-    try:
-        return _load()
-    except Exception as e:  # no compiler, no ninja, a compile error: fall back to torch ops
-        _failed_once = True
-        warnings.warn(f"lowbit: C++ wint kernels unavailable, using torch ops ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e})", RuntimeWarning, stacklevel=2)
-        return None
+EXT = _cpp_ext.Extension("wint", _SOURCE, "lowbit_wint", EXT_ENV, _selftest)
+load = EXT.load  # the compiled ops, or None (turned off, or the build failed: warned once)
+enabled = EXT.enabled
+build_dir = EXT.build_dir
