@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.errors import CalibrationError
+from lowbit.errors import CalibrationError, LowbitError
 from lowbit.eval import ReferenceLogits, evaluate, load_windows
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 characters, one token each
@@ -119,9 +119,9 @@ def test_cached_reference_gives_the_live_reference_numbers(model, tokenizer, tmp
     windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
     noisy = _perturbed(model, seed=2)
     live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
-    ref = ReferenceLogits(model, windows, directory=tmp_path)
     calls = []
     hook = model.register_forward_hook(lambda *a: calls.append(1))
+    ref = ReferenceLogits(model, windows, directory=tmp_path)  # after the hook: a hook added later is a change
     try:
         first = evaluate(noisy, windows, ref_model=ref, batch_size=2, progress=False)
         n_first = len(calls)
@@ -142,9 +142,9 @@ def test_scoring_the_reference_itself_fills_the_cache(model, tokenizer, tmp_path
     noisy = _perturbed(model, seed=3)
     plain = evaluate(model, windows, progress=False)
     live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
-    ref = ReferenceLogits(model, windows, directory=tmp_path)
     calls = []
     hook = model.register_forward_hook(lambda *a: calls.append(1))
+    ref = ReferenceLogits(model, windows, directory=tmp_path)  # after the hook: a hook added later is a change
     try:
         own = evaluate(model, windows, ref_model=ref, batch_size=2, progress=False)
         n_own = len(calls)
@@ -156,6 +156,31 @@ def test_scoring_the_reference_itself_fills_the_cache(model, tokenizer, tmp_path
     assert own["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)
     assert own["kl"] == 0.0 and own["top1_agreement"] == 1.0
     assert (other["ppl"], other["kl"], other["top1_agreement"]) == (live["ppl"], live["kl"], live["top1_agreement"])
+
+
+def test_a_reference_changed_in_place_is_scored_against_its_stored_logits(model, tokenizer, tmp_path):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
+    work = copy.deepcopy(model)
+    ref = ReferenceLogits(work, windows, directory=tmp_path)
+    try:
+        first = evaluate(work, windows[:2], ref_model=ref, progress=False)  # stores windows 0 and 1 only
+        assert first["kl"] == 0.0
+        with torch.no_grad():
+            work.lm_head.weight.mul_(1.5)  # in place: same object, new numbers
+        changed = evaluate(work, windows[:2], ref_model=ref, progress=False)
+        live = evaluate(work, windows[:2], ref_model=model, progress=False)
+        assert changed["kl"] > 1e-4 and changed["kl"] == pytest.approx(live["kl"], rel=1e-5)
+        assert changed["ppl"] == pytest.approx(live["ppl"], rel=1e-6)
+        with pytest.raises(LowbitError, match="changed in place"):
+            evaluate(work, windows, ref_model=ref, progress=False)  # windows 2, 3 have no reference left
+        hooked = copy.deepcopy(model)
+        ref2 = ReferenceLogits(hooked, windows[:1], directory=tmp_path)
+        evaluate(hooked, windows[:1], ref_model=ref2, progress=False)
+        hooked.lm_head.register_forward_hook(lambda m, i, o: o * 0.5)
+        assert evaluate(hooked, windows[:1], ref_model=ref2, progress=False)["kl"] > 1e-4
+        ref2.close()
+    finally:
+        ref.close()
 
 
 def test_kept_reference_logits_are_reused_by_a_later_run(model, tokenizer, tmp_path):

@@ -7,6 +7,7 @@ GPTQ and AWQ papers, so numbers compare with theirs at the same `seqlen`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lowbit.errors import CalibrationError
+from lowbit.errors import CalibrationError, LowbitError
 from lowbit.eval._common import eval_mode, model_device
 
 __all__ = ["load_windows", "evaluate", "ReferenceLogits"]
@@ -82,6 +83,15 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
 
 
+def _fingerprint(model) -> tuple:
+    """What changes when a model is changed in place: its modules' types and hooks, and each parameter's
+    and buffer's storage and in-place version counter (quantizing, smoothing or hooking it)."""
+    mods = tuple((n, type(m).__name__, len(m._forward_hooks), len(m._forward_pre_hooks))
+                 for n, m in model.named_modules())
+    tensors = tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    return mods, tensors
+
+
 class ReferenceLogits:
     """The reference model's logits on fixed windows, computed on first use and kept in a float32 file.
 
@@ -90,8 +100,10 @@ class ReferenceLogits:
     themselves, so KL and top-1 come out exactly as with the live model. Pass it to `evaluate` as
     `ref_model`; windows other than the ones it was built for fall back to running the model. Scoring
     the reference model itself against it (`evaluate(model, windows, ref_model=ReferenceLogits(model,
-    windows))`) fills the cache from that same forward, or reads it from the cache. With `path`, the
-    file outlives the run (see `__init__`).
+    windows))`) fills the cache from that same forward, or reads it from the cache, as long as the model
+    is as it was when this was built: once it is changed in place (quantized, smoothed, hooked) it is
+    scored by running it, against the stored logits, and windows not stored yet are an error (their
+    reference is gone). With `path`, the file outlives the run (see `__init__`).
     Size: windows x (seqlen - 1) x vocab x 4 bytes on disk (SmolLM2, 40 x 512: 4 GB; Gemma-3: 21 GB).
     """
 
@@ -105,6 +117,7 @@ class ReferenceLogits:
         import tempfile
 
         self.model = model
+        self._print = _fingerprint(model)
         self.windows = windows.clone()
         self._done = torch.zeros(windows.shape[0], dtype=torch.bool)
         self._store = None
@@ -130,8 +143,18 @@ class ReferenceLogits:
         end = start + batch.shape[0]
         return end <= self.windows.shape[0] and torch.equal(batch.cpu(), self.windows[start:end])
 
+    def is_reference(self, model) -> bool:
+        """Whether `model` is the reference model, unchanged since this was built."""
+        return model is self.model and _fingerprint(model) == self._print
+
     def logits(self, start: int, batch: torch.Tensor) -> torch.Tensor:
         """Logits `[b, seqlen - 1, vocab]` of windows `start .. start + b` (what `evaluate` scores)."""
+        stored = self.cached_logits(start, batch)
+        if stored is not None:
+            return stored
+        if not self.is_reference(self.model):
+            raise LowbitError("the reference model was changed in place after ReferenceLogits was built, and these "
+                              "windows' reference logits were not stored before: build it from an unchanged copy")
         if not self._cached(start, batch):
             return _logits(self.model, batch)[:, :-1]
         if not bool(self._done[start : start + batch.shape[0]].all()):
@@ -201,7 +224,7 @@ def evaluate(
     with torch.inference_mode(), eval_mode(model, ref_model.model if cached else ref_model):
         for i in tqdm(batches, desc=desc, unit="batch" if batch_size > 1 else "window", disable=not progress):
             batch = windows[i : i + batch_size]
-            own = cached and ref_model.model is model  # scoring the reference itself
+            own = cached and ref_model.is_reference(model)  # scoring the unchanged reference itself
             logits = ref_model.cached_logits(i, batch) if own else None
             if logits is None:
                 logits = _logits(model, batch)[:, :-1]  # [b, seqlen - 1, vocab]
