@@ -191,6 +191,53 @@ def test_dequant_chunks_cover_all_rows(ext, monkeypatch):
         assert rel_err(wint_gemm(x, p, out_features=n, bias=b, backend="dequant"), ref) < BF16_TOL
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_panel_gemm_matches_ref_across_slices_tiles_and_tail(group, monkeypatch):
+    """The many-token C++ path (int4pack_gemm_panels): k-slices (PANEL_BYTES forced small), 6-row
+    tiles with every remainder, several blocks per thread chunk, and a 16-row tail left to the
+    bf16 dequant path."""
+    ext = _wint_cpp.load()
+    if ext is None or not ext.has_avx512bf16():
+        pytest.skip("needs the C++ extension on an AVX512-BF16 CPU")
+    monkeypatch.setattr(wint, "PANELS_MIN_M", 1)
+    monkeypatch.setattr(wint, "PANEL_BYTES", 128 * 128)  # k-slices of 128 features: 4 at K=512
+    n, k = 336, 512  # 5 blocks of 64 plus a 16-row tail
+    q, s, z = make_weight(n, k, 4, group, sym=False, seed=3)
+    p = prepare_wint(q, s, z, 4, group)
+    b = torch.randn(n)
+    called = []
+    real = ext.int4pack_gemm_panels
+    monkeypatch.setattr(wint._wint_cpp, "load", lambda: _Spy(ext, called))
+    for m in (1, 5, 6, 13, 300):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        ref = wint_gemm_ref(x, q, s, z, group, b)
+        got = wint_gemm(x, p, out_features=n, bias=b, backend="dequant")
+        assert got.dtype == x.dtype and got.shape == (m, n)
+        assert rel_err(got, ref) < BF16_TOL, (group, m)
+        # the same bf16 products as the whole-weight dequant path, summed in another order
+        monkeypatch.setattr(wint, "PANELS_MIN_M", 10**9)
+        old = wint_gemm(x, p, out_features=n, bias=b, backend="dequant")
+        monkeypatch.setattr(wint, "PANELS_MIN_M", 1)
+        assert rel_err(got, old) < 2e-3, (group, m)
+    assert len(called) == 5 and real is not None
+    kc, ncb = called[0]
+    assert kc == 128 and k % kc == 0
+
+
+class _Spy:
+    """The extension's ops, recording the (kc, ncb) of each int4pack_gemm_panels call."""
+
+    def __init__(self, ext, called):
+        self._ext, self._called = ext, called
+
+    def __getattr__(self, name):
+        return getattr(self._ext, name)
+
+    def int4pack_gemm_panels(self, x, packed, sz, g, kc, ncb):
+        self._called.append((kc, ncb))
+        return self._ext.int4pack_gemm_panels(x, packed, sz, g, kc, ncb)
+
+
 # ---------------------------------------------------------------- dispatcher
 
 

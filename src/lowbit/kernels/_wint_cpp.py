@@ -9,6 +9,11 @@ tensors ``prepare_wint`` already builds), so they need no extra memory:
   ``+128`` is taken out per group with the group sums of x.
 - ``int4pack_dequant_t(packed, scales_zeros, group, block0, block1, out)``: ``W^T`` of rows
   ``64*block0 .. 64*block1`` in bf16 ``[K, rows]`` for the dequantize + bf16 GEMM path.
+- ``int4pack_gemm_panels(x_bf16 [M, K], packed, scales_zeros, group, kc, ncb) -> fp32 [M, N // 64 * 64]``:
+  many-token GEMM (AVX512-BF16 only) over the full 64-row blocks. It dequantizes each block's
+  ``kc``-slice once into the bf16 k-pair panel ``vdpbf16ps`` reads and runs every 6-row tile of x
+  over it: the dequantization is the packing pass a bf16 GEMM makes of its weight anyway, so it
+  costs no extra pass over a bf16 copy of the weight (the dequant path's two).
 
 Registered as ``torch.ops.lowbit_wint.*``; built by ``_cpp_ext`` (once per machine, cached under
 ``${LOWBIT_CACHE:-~/.cache/lowbit}/ext``). Without AVX512-BF16 the same source compiles to plain C++ loops. ``LOWBIT_WINT_EXT=0`` turns it off. If the build fails, ``load()`` returns None
@@ -27,6 +32,7 @@ EXT_ENV = "LOWBIT_WINT_EXT"
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <algorithm>
@@ -230,6 +236,123 @@ void int4pack_dequant_t(const at::Tensor& packed, const at::Tensor& sz, int64_t 
   });
 }
 
+#ifdef LOWBIT_AVX512BF16
+// ---- prefill: a blocked GEMM whose pack step is the dequantization ----
+// y fp32 [M, 64 * nblk] = x @ W^T over the full 64-row blocks. Per chunk of `ncb` blocks (a thread's
+// unit) and slice of `kc` input features, each block is dequantized once into a bf16 panel
+// [kc/2][64][2] (the k-pairs vdpbf16ps reads) that every 6-row tile of x then runs over, 24 fp32
+// accumulators held in registers across the slice. A bf16 GEMM has to repack its weight into such
+// panels too, so the dequantization replaces that pass instead of adding one.
+template <int MR>
+static inline void panel_tile(const uint16_t* x, int64_t K, const uint16_t* panel, int64_t kp,
+                              float* y, int64_t ldy, bool first) {
+  __m512 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + m * ldy + 16 * j);
+  for (int64_t p = 0; p < kp; ++p) {
+    const uint16_t* b = panel + p * 128;
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32);
+    __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 64), b3 = (__m512bh)_mm512_loadu_si512(b + 96);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair; std::memcpy(&pair, x + m * K + 2 * p, 4);
+      __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, b0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, b1);
+      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], a, b2);
+      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], a, b3);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + m * ldy + 16 * j, acc[m][j]);
+}
+
+// panel [kc/2][64][2] bf16 = W[n0 .. n0+63, k0 .. k0+kc) of the block at pb (kc even, g even, so a
+// k-pair never straddles two groups); values rounded to bf16 as the dequant path's are
+static void dequant_panel(const uint8_t* pb, const uint16_t* sz, int64_t N, int64_t n0, int64_t g,
+                          int64_t k0, int64_t kc, uint16_t* panel) {
+  const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  alignas(64) uint16_t order[32];  // k-pairs: out[2i] = row k's element i, out[2i+1] = row k+1's
+  for (int i = 0; i < 16; ++i) { order[2 * i] = i; order[2 * i + 1] = 16 + i; }
+  const __m512i idx = _mm512_load_si512(order);
+  __m512 s[4], c[4];
+  int64_t gcur = -1;
+  for (int64_t k = k0; k < k0 + kc; k += 2) {
+    if (k / g != gcur) {
+      gcur = k / g;
+      for (int j = 0; j < 4; ++j) {
+        __m512i v = _mm512_loadu_si512((const void*)(sz + (gcur * N + n0 + 16 * j) * 2));
+        s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        c[j] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s[j], _mm512_castsi512_ps(_mm512_and_si512(v, hi16)));
+      }
+    }
+    __m256i A = _mm256_loadu_si256((const __m256i*)(pb + k * 32));
+    __m256i B = _mm256_loadu_si256((const __m256i*)(pb + (k + 1) * 32));
+    __m256i alo = _mm256_and_si256(A, m0f), ahi = _mm256_and_si256(_mm256_srli_epi16(A, 4), m0f);
+    __m256i blo = _mm256_and_si256(B, m0f), bhi = _mm256_and_si256(_mm256_srli_epi16(B, 4), m0f);
+    __m128i qa[4] = {_mm256_castsi256_si128(alo), _mm256_extracti128_si256(alo, 1),
+                     _mm256_castsi256_si128(ahi), _mm256_extracti128_si256(ahi, 1)};
+    __m128i qb[4] = {_mm256_castsi256_si128(blo), _mm256_extracti128_si256(blo, 1),
+                     _mm256_castsi256_si128(bhi), _mm256_extracti128_si256(bhi, 1)};
+    uint16_t* out = panel + ((k - k0) / 2) * 128;
+    for (int j = 0; j < 4; ++j) {
+      __m512 fa = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qa[j])), s[j], c[j]);
+      __m512 fb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qb[j])), s[j], c[j]);
+      __m512i both = (__m512i)_mm512_cvtne2ps_pbh(fb, fa);  // [fa as bf16 | fb as bf16]
+      _mm512_storeu_si512(out + 32 * j, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+at::Tensor int4pack_gemm_panels(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t g,
+                                int64_t kc, int64_t ncb) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: bf16 [M, K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3, "sz: bf16 [K/g, N, 2]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), nblk = N / 64, ldy = nblk * 64;
+  TORCH_CHECK(packed.size(1) * 2 == K && K % g == 0 && g % 2 == 0 && sz.size(0) == K / g && sz.size(1) == N,
+              "int4pack_gemm_panels: shape mismatch");
+  TORCH_CHECK(kc > 0 && kc % 2 == 0 && ncb > 0, "int4pack_gemm_panels: kc must be even and positive, ncb positive");
+  auto y = at::empty({M, ldy}, x.options().dtype(at::kFloat));
+  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  const int64_t KC = std::min(K, kc), nchunks = (nblk + ncb - 1) / ncb;
+  constexpr int MR = 6;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint16_t> panel(KC * 64);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kk = std::min(KC, K - k0);
+        const bool first = k0 == 0;
+        for (int64_t b = c * ncb; b < std::min(nblk, (c + 1) * ncb); ++b) {
+          dequant_panel(pp + b * K * 32, sp, N, b * 64, g, k0, kk, panel.data());
+          int64_t m = 0;
+          for (; m + MR <= M; m += MR)
+            panel_tile<MR>(xp + m * K + k0, K, panel.data(), kk / 2, yp + m * ldy + b * 64, ldy, first);
+          const uint16_t* xr = xp + m * K + k0;
+          float* yr = yp + m * ldy + b * 64;
+          switch (M - m) {
+            case 1: panel_tile<1>(xr, K, panel.data(), kk / 2, yr, ldy, first); break;
+            case 2: panel_tile<2>(xr, K, panel.data(), kk / 2, yr, ldy, first); break;
+            case 3: panel_tile<3>(xr, K, panel.data(), kk / 2, yr, ldy, first); break;
+            case 4: panel_tile<4>(xr, K, panel.data(), kk / 2, yr, ldy, first); break;
+            case 5: panel_tile<5>(xr, K, panel.data(), kk / 2, yr, ldy, first); break;
+            default: break;
+          }
+        }
+      }
+  });
+  return y;
+}
+#else
+at::Tensor int4pack_gemm_panels(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "int4pack_gemm_panels needs AVX512-BF16");
+  return at::Tensor();
+}
+#endif
+
 bool has_avx512bf16() {
 #ifdef LOWBIT_AVX512BF16
   return true;
@@ -242,6 +365,8 @@ TORCH_LIBRARY(lowbit_wint, m) {
   m.def("int4pack_gemm(Tensor x, Tensor packed, Tensor scales_zeros, int group) -> Tensor", &int4pack_gemm);
   m.def("int4pack_dequant_t(Tensor packed, Tensor scales_zeros, int group, int block0, int block1, "
         "Tensor(a!) out) -> ()", &int4pack_dequant_t);
+  m.def("int4pack_gemm_panels(Tensor x, Tensor packed, Tensor scales_zeros, int group, int kc, int ncb) -> Tensor",
+        &int4pack_gemm_panels);
   m.def("has_avx512bf16() -> bool", &has_avx512bf16);
 }
 """
@@ -261,8 +386,12 @@ def _selftest(ext) -> None:
     ext.int4pack_dequant_t(packed, sz, group, 0, 1, wt)
     err = (got - want).norm() / want.norm()
     err_dq = (x.float() @ wt.float() - want[:, :64]).norm() / want[:, :64].norm()
-    if not (err < 2e-2 and err_dq < 2e-2):
-        raise RuntimeError(f"self-test against aten int4pack failed (rel. err {err:.3g}, {err_dq:.3g})")
+    err_p = 0.0
+    if ext.has_avx512bf16():
+        yp = ext.int4pack_gemm_panels(x, packed, sz, group, 64, 1)  # two k-slices of the one block
+        err_p = (yp - want[:, :64]).norm() / want[:, :64].norm()
+    if not (err < 2e-2 and err_dq < 2e-2 and err_p < 2e-2):
+        raise RuntimeError(f"self-test against aten int4pack failed (rel. err {err:.3g}, {err_dq:.3g}, {err_p:.3g})")
 
 
 EXT = _cpp_ext.Extension("wint", _SOURCE, "lowbit_wint", EXT_ENV, _selftest)

@@ -72,6 +72,11 @@ BACKEND_ENV = "LOWBIT_WINT_BACKEND"  # force a backend (tests, benchmarks); "aut
 # time (the shared cores made 2-thread wall times unusable; see bench/kernels.py for those).
 # ms, weight-only kernel vs the dequant path it competes with:
 #
+#   int4cpp vs the panel GEMM (C++, AVX512-BF16; `int4pack_gemm_panels`, the dequant path from
+#   PANELS_MIN_M tokens):                  M=16        M=32        M=48        M=64        M=128
+#     4096x4096                            4.21/4.17   6.36/6.26   9.17/8.48   12.0/11.4   24.2/20.6
+#     576x1536                                         0.33/0.30               0.63/0.55   -> 32
+#   before it (int4cpp vs dequant from nibbles, C++; what CPUs without AVX512-BF16 still run):
 #   int4cpp vs dequant from nibbles (C++)  M=64        M=128       M=256
 #     576x576                              0.26/0.30   0.64/0.57   1.09/0.87
 #     576x1536                             0.64/0.72   1.27/1.23   2.58/2.35
@@ -92,7 +97,7 @@ BACKEND_ENV = "LOWBIT_WINT_BACKEND"  # force a backend (tests, benchmarks); "aut
 # The two vCPUs gave no speedup over one thread for any of these ops (contended by other
 # tenants), so these are one-core figures; with two free cores int8pack scaled 2x and tied
 # the dequant path at M=16 on 4096x4096.
-INT4CPP_MAX_M = 128
+INT4CPP_MAX_M = 32
 INT4PACK_MAX_M = 32
 INT4PACK_MAX_M_NIBBLES = 96
 INT8PACK_MAX_M = 8
@@ -105,6 +110,13 @@ DEQUANT_CHUNK_BYTES = 2 * 1024 * 1024
 # copy of one layer, freed after the call) and runs one GEMM: at M=512 on 4096x4096 that ran
 # about 2x faster than chunks of 2 MiB, whose thin GEMMs oneDNN handles poorly.
 DEQUANT_WHOLE_MIN_M = 256
+# From this many tokens, with the C++ extension on an AVX512-BF16 CPU, the int4pack dequant path
+# runs int4pack_gemm_panels instead (dequantizing into the GEMM's own k-pair panels). 1 thread,
+# ms, panels / dequantize whole weight + bf16 GEMM / bf16 F.linear on a bf16 weight:
+#   4096x4096  M=512  81.3 / 91.4 / 83.4;   4096x11008  M=512  209.5 / 241.8 / 220.6
+PANELS_MIN_M = 32
+# bf16 bytes of one block's k-slice panel (64 rows): stays in L2 while every tile of x runs over it
+PANEL_BYTES = 512 * 1024
 
 _BF16 = torch.bfloat16
 
@@ -363,7 +375,8 @@ def select_backend(m: int, prepared: Mapping[str, torch.Tensor], backend: str = 
     if "int4cpp" in have and m <= INT4CPP_MAX_M:
         return "int4cpp"
     if "int4pack" in have:
-        slow_dequant = _dequant_source(prepared) == "int4pack"  # torch ops unpacking nibbles
+        # torch ops unpacking nibbles (with the C++ extension the nibbles are read in C++)
+        slow_dequant = _dequant_source(prepared) == "int4pack" and "int4cpp" not in have
         if m <= (INT4PACK_MAX_M_NIBBLES if slow_dequant else INT4PACK_MAX_M):
             return "int4pack"
     if "int8pack" in have and m <= INT8PACK_MAX_M:
@@ -479,8 +492,18 @@ def _int4pack_scale_offset(sz, cols):
     return s.to(_BF16)[:, None, :], c.to(_BF16)[:, None, :]
 
 
+def _panel_blocking(k: int, g: int, nblk: int) -> tuple[int, int]:
+    """(kc, ncb) for ``int4pack_gemm_panels``: k-slices whose 64-row bf16 panel fits PANEL_BYTES
+    (a whole number of groups, split evenly), and chunks of blocks giving each thread about 4."""
+    n_slices = -(-k * 128 // PANEL_BYTES)
+    kc = -(-(k // g) // n_slices) * g
+    ncb = max(1, min(8, nblk // (4 * torch.get_num_threads())))
+    return kc, ncb
+
+
 def _dequant_linear_int4pack(xb, packed, sz, n):
-    """bf16 [M, N] from int4pack nibbles, dequantized per chunk as W^T [K, rows] (no extra memory).
+    """[M, N] from int4pack nibbles: bf16, dequantized per chunk as W^T [K, rows] (no extra memory),
+    or float32 from the C++ panel GEMM for PANELS_MIN_M tokens and more.
 
     With the C++ extension one pass per chunk; without it, torch ops (about 4x the codes path).
     """
@@ -491,13 +514,16 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
     nfull = n // 64 * 64
     nblk = nfull // 64
     outs = []
+    ext = _wint_cpp.load()
+    if nblk and ext is not None and xb.shape[0] >= PANELS_MIN_M and g % 2 == 0 and ext.has_avx512bf16():
+        outs.append(ext.int4pack_gemm_panels(xb.contiguous(), packed, sz, g, *_panel_blocking(k, g, nblk)))
+        nblk = 0
     if nblk:
         nb = min(nblk, max(1, _chunk_rows(k, 64) // 64))
         if xb.shape[0] >= DEQUANT_WHOLE_MIN_M:
             # prefill: one GEMM over the whole transient bf16 weight beats many thin ones
             nb = nblk
         wflat = _workspace(k * nb * 64)
-        ext = _wint_cpp.load()
         if ext is None:
             pb = flat[: nfull * k // 2].view(nblk, k, 32)
             u = torch.empty(k, nb, 2, 32, dtype=torch.uint8)
@@ -523,6 +549,8 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
         s, c = _int4pack_scale_offset(sz, slice(nfull, n))
         wt.view(ng, g, tail).mul_(s).add_(c)
         outs.append(xb @ wt)
+    if len(outs) > 1 and outs[0].dtype != outs[1].dtype:
+        outs[1] = outs[1].to(outs[0].dtype)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
