@@ -1,0 +1,114 @@
+"""One AWQ (or RTN) run on SmolLM2-135M, scored on held-out validation windows: for choosing AWQ
+settings without looking at the test set.
+
+Quantizes with the w4a16-awq recipe at --bits / --group-size, the AWQ step's options overridden by
+KEY=VALUE arguments (values parsed as JSON, so strings need quotes: clip_mode='"asym"'), calibrated
+on --n-samples x 512 windows of wiki.valid.tokens (lowbit.calib.text_file, seed 0), times the
+quantize call and prints the AWQ phase times (`AWQ.last_timings`), then the perplexity on:
+
+- valid: 40 non-overlapping 512-token windows of wiki.valid.tokens that share no token with the
+  seed-0 calibration windows of 8 x 512 or 128 x 512 (so both calibration sizes are scored on the
+  same held-out text);
+- test: the WikiText-2 test windows every other figure uses (40 x 512).
+
+    python bench/awq_valid.py --bits 4 --eval valid [--n-samples 8] [--rtn] [--json-lines FILE] \\
+        output_tokens=1024 clip_mode='"asym"'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+import lowbit.algorithms.awq as awq_mod
+from lowbit import zoo
+from lowbit.eval import evaluate, load_windows
+from lowbit.recipes import load_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import WIKI_TEST, WIKI_VALID  # noqa: E402
+
+CALIB_SIZES = (8, 128)  # calibration sample counts whose windows the validation windows avoid
+
+
+def valid_windows(tok, n_windows: int = 40, seqlen: int = 512) -> torch.Tensor:
+    """Evenly spaced seqlen-token windows of wiki.valid.tokens clear of every calibration window."""
+    ids = torch.as_tensor(tok(Path(WIKI_VALID).read_text(), add_special_tokens=False)["input_ids"])
+    taken = set()
+    for n in CALIB_SIZES:  # the starts lowbit.calib.text_file draws (seed 0)
+        starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=torch.Generator().manual_seed(0))
+        for s in starts.tolist():
+            taken.update(range(s // seqlen, (s + seqlen - 1) // seqlen + 1))
+    free = [i for i in range(ids.numel() // seqlen) if i not in taken]
+    pick = [free[int(j * len(free) / n_windows)] for j in range(n_windows)]
+    return torch.stack([ids[i * seqlen:(i + 1) * seqlen] for i in pick])
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for item in pairs:
+        key, _, val = item.partition("=")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval", default="valid", help="comma-separated: valid, test")
+    ap.add_argument("--rtn", action="store_true", help="round to nearest instead of AWQ")
+    ap.add_argument("--json-lines", type=Path, help="append the result row here")
+    ap.add_argument("overrides", nargs="*", help="AWQ step options, KEY=JSON_VALUE")
+    args = ap.parse_args()
+    kw = parse_overrides(args.overrides)
+
+    model = lowbit.load(zoo.pull("smollm2-135m"))
+    tok = model.lowbit_tokenizer
+    made = []  # the AWQ instance the recipe builds, for its phase timings
+    real_init = awq_mod.AWQ.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    awq_mod.AWQ.__init__ = spy
+    t0 = time.perf_counter()
+    if args.rtn:
+        lowbit.quantize(model, load_recipe(f"w{args.bits}a16-rtn", group_size=args.group_size), progress=False)
+        name = f"rtn w{args.bits} g{args.group_size}"
+    else:
+        rec = load_recipe("w4a16-awq", bits=args.bits, group_size=args.group_size)
+        rec.steps = [dict(rec.steps[0], **kw)]
+        calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen)
+        lowbit.quantize(model, rec, calib=calib, progress=False)
+        name = f"awq w{args.bits} g{args.group_size} {args.n_samples}x{args.seqlen} {rec.steps[0]}"
+    seconds = time.perf_counter() - t0
+    awq_mod.AWQ.__init__ = real_init
+    row = {"name": name, "quant_s": round(seconds, 1), "threads": torch.get_num_threads()}
+    if made:
+        row["timings"] = {k: round(v, 1) for k, v in made[0].last_timings.items()}
+    print(f"quantized in {seconds:.1f} s", flush=True)
+    for which in args.eval.split(","):
+        w = valid_windows(tok) if which == "valid" else load_windows(tok, WIKI_TEST, seqlen=512, windows=40)
+        row[which] = round(evaluate(model, w, progress=False)["ppl"], 3)
+        print(which, row[which], flush=True)
+    print(json.dumps(row))
+    if args.json_lines:
+        with args.json_lines.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
