@@ -53,6 +53,20 @@ sizes train at 5e-5 -> 1.5e-4 (`bench/qat.py --bits 3 --group-size 64 --calib-sa
 held-out ppl 40.96 -> 35.77), reloaded within 0.04% of the fake-quant model: 0.46x the increase of the
 best PTQ W3 (43.90). W2 g64 (5e-5): 245.08 -> 246.81 (Block-AP does not help at 2 bits with these rates)
 -> 151.89 (200 steps, 723 s).
+
+W4A8 (`w4a8-qat`): the two-level int4 grid of `W4A8Linear` (a float scale per row times an integer
+multiplier in [1, 16] per group of 64) with int8 activations per token rounded as the kernel rounds
+them, started from ZeroQuant's LKD and packed back into `W4A8Linear`. SmolLM2-135M, WikiText-2 test
+40 x 512, 60 E2E steps (`bench/qat.py --model smollm2-135m --recipe w4a8-qat --ptq zeroquant --bits 4
+--group-size 64 --calib-samples 16 --check-bits 4 --steps 60 --threads 2`; the lock held, machine
+otherwise idle): LKD start 39.32 (float 29.19) -> 32.00 reloaded with the codes fixed and the row
+scales (lr 2e-5) and multipliers (lr 0.03) trained, 215 s of training; 32.27 with the row scales
+alone. Training the latent weights (lr 1e-5, row scales 1e-6) instead made the held-out perplexity
+worse over 50 steps (39.89 -> 40.59). The packed model reloads within 0.15% of the fake-quant one
+(32.04): each layer agrees to 3e-7, but per-token int8 rounding amplifies float32-order differences
+through the model (a code flipped at a rounding boundary in block 1 is a 1e-4 difference there and
+a few % in the hidden states by block 5), so W4A8 cannot reproduce it bit for bit the way the
+weight-only modules do.
 """
 
 from __future__ import annotations
