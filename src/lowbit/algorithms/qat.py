@@ -58,8 +58,8 @@ W4A8 (`w4a8-qat`): the two-level int4 grid of `W4A8Linear` (a float scale per ro
 multiplier in [1, 16] per group of 64) with int8 activations per token rounded as the kernel rounds
 them, started from ZeroQuant's LKD and packed back into `W4A8Linear`. SmolLM2-135M, WikiText-2 test
 40 x 512, 60 E2E steps (`bench/qat.py --model smollm2-135m --recipe w4a8-qat --ptq zeroquant --bits 4
---group-size 64 --calib-samples 16 --check-bits 4 --steps 60 --threads 2`; the lock held, machine
-otherwise idle): LKD start 39.32 (float 29.19) -> 32.00 reloaded with the codes fixed and the row
+--group-size 64 --calib-samples 16 --check-bits 4 --steps 60 --threads 2`; under the shared lock, with
+other sessions' unit tests possibly beside it): LKD start 39.32 (float 29.19) -> 32.00 reloaded with the codes fixed and the row
 scales (lr 2e-5) and multipliers (lr 0.03) trained, 215 s of training; 32.27 with the row scales
 alone. Training the latent weights (lr 1e-5, row scales 1e-6) instead made the held-out perplexity
 worse over 50 steps (39.89 -> 40.59). The packed model reloads within 0.15% of the fake-quant one
