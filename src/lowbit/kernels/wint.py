@@ -111,9 +111,12 @@ DEQUANT_CHUNK_BYTES = 2 * 1024 * 1024
 # about 2x faster than chunks of 2 MiB, whose thin GEMMs oneDNN handles poorly.
 DEQUANT_WHOLE_MIN_M = 256
 # From this many tokens, with the C++ extension on an AVX512-BF16 CPU, the int4pack dequant path
-# runs int4pack_gemm_panels instead (dequantizing into the GEMM's own k-pair panels). 1 thread,
-# ms, panels / dequantize whole weight + bf16 GEMM / bf16 F.linear on a bf16 weight:
-#   4096x4096  M=512  81.3 / 91.4 / 83.4;   4096x11008  M=512  209.5 / 241.8 / 220.6
+# runs int4pack_gemm_panels instead (dequantizing into the GEMM's own k-pair panels). ms at 1
+# thread, panels / the whole-weight dequant + bf16 GEMM it replaces / bf16 F.linear on a bf16
+# weight (wall, one session): 4096x4096 M=512 81.3 / 91.4 / 83.4; 4096x11008 M=512 209.5 / 241.8
+# / 220.6. bench/kernels.py (1 thread, CPU time; bench/out/kernels_panels.json), panels / bf16:
+# 4096x4096 M=64 11.2 / 12.0, M=512 77.9 / 80.6; 4096x11008 M=512 209.6 / 214.6; 576x1536 M=512
+# 4.45 / 4.27 (K=576 is too short a slice to hide the panel's fill)
 PANELS_MIN_M = 32
 # bf16 bytes of one block's k-slice panel (64 rows): stays in L2 while every tile of x runs over it
 PANEL_BYTES = 512 * 1024
