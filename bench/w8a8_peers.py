@@ -59,13 +59,15 @@ def peers_script():
 
 
 def lowbit_row(preset: str, ref, samples: torch.Tensor, out_dir: Path) -> dict:
-    row = {"method": f"lowbit {preset}", "key": preset, "kind": "lowbit", "status": "ok", "notes": []}
+    # a preset name, or a recipe .yaml (a variant of one), whose row is named by its file stem
+    name = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+    row = {"method": f"lowbit {name}", "key": name, "kind": "lowbit", "status": "ok", "notes": []}
     try:
         model = lowbit.load(ref.src)
         t0 = time.perf_counter()
         q = lowbit.quantize(model, preset, calib=samples, progress=False)
         row["quant_seconds"] = time.perf_counter() - t0
-        path = lowbit.save(q, out_dir / preset, tokenizer=ref.fp.lowbit_tokenizer, overwrite=True)
+        path = lowbit.save(q, out_dir / name, tokenizer=ref.fp.lowbit_tokenizer, overwrite=True)
         del q, model
         q = lowbit.load(path)  # what a user gets back from disk
         row["bits_per_weight"] = bits_per_weight(q)["bits_per_weight"]
@@ -135,7 +137,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--calib", default=str(WIKI_VALID))
     ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--lowbit", default=",".join(LOWBIT_PRESETS), help="comma-separated lowbit presets")
+    ap.add_argument("--lowbit", default=",".join(LOWBIT_PRESETS),
+                    help="comma-separated lowbit presets or recipe .yaml files")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
     ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the peers")
     ap.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer process")
