@@ -548,10 +548,13 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
     if n > nfull:  # tail of 16/32/48 rows: [K, tail // 2] bytes, low nibble even row
         tail = n - nfull
         t = flat[nfull * k // 2 :].view(k, tail // 2)
-        wt = torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).to(_BF16)
-        s, c = _int4pack_scale_offset(sz, slice(nfull, n))
-        wt.view(ng, g, tail).mul_(s).add_(c)
-        outs.append(xb @ wt)
+        # in float32: a layer narrower than 64 outputs (k/v of small GQA models) is all tail, and
+        # q * s + c rounded to bf16 (c = zero - 8 s is large against q * s) tripled its error
+        wt = torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).float()
+        s = sz[:, nfull:n, 0].float()
+        c = sz[:, nfull:n, 1].float() - 8.0 * s
+        wt.view(ng, g, tail).mul_(s[:, None, :]).add_(c[:, None, :])
+        outs.append(xb.float() @ wt)
     if len(outs) > 1 and outs[0].dtype != outs[1].dtype:
         outs[1] = outs[1].to(outs[0].dtype)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
