@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 
@@ -115,21 +116,28 @@ def test_evaluate_rejects_bad_windows(model):
         evaluate(model, torch.zeros(2, 1, dtype=torch.long), progress=False)
 
 
-def test_cached_reference_gives_the_live_reference_numbers(model, tokenizer, tmp_path):
-    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
-    noisy = _perturbed(model, seed=2)
-    live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
+@contextlib.contextmanager
+def _counted_reference(model, windows, tmp_path):
+    """(ReferenceLogits of `model`, the list that grows by one per forward of `model`)."""
     calls = []
     hook = model.register_forward_hook(lambda *a: calls.append(1))
     ref = ReferenceLogits(model, windows, directory=tmp_path)  # after the hook: a hook added later is a change
     try:
+        yield ref, calls
+    finally:
+        hook.remove()
+        ref.close()
+
+
+def test_cached_reference_gives_the_live_reference_numbers(model, tokenizer, tmp_path):
+    windows = load_windows(tokenizer, TEXT, seqlen=32, windows=4)
+    noisy = _perturbed(model, seed=2)
+    live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
+    with _counted_reference(model, windows, tmp_path) as (ref, calls):
         first = evaluate(noisy, windows, ref_model=ref, batch_size=2, progress=False)
         n_first = len(calls)
         again = evaluate(noisy, windows, ref_model=ref, batch_size=2, progress=False)
         other = evaluate(noisy, windows[1:3], ref_model=ref, progress=False)  # not the cached windows
-    finally:
-        hook.remove()
-        ref.close()
     assert n_first == 2 and len(calls) == 4  # once per batch, then never for the cached windows
     for r in (first, again):
         assert (r["ppl"], r["kl"], r["top1_agreement"]) == (live["ppl"], live["kl"], live["top1_agreement"])
@@ -142,16 +150,10 @@ def test_scoring_the_reference_itself_fills_the_cache(model, tokenizer, tmp_path
     noisy = _perturbed(model, seed=3)
     plain = evaluate(model, windows, progress=False)
     live = evaluate(noisy, windows, ref_model=model, batch_size=2, progress=False)
-    calls = []
-    hook = model.register_forward_hook(lambda *a: calls.append(1))
-    ref = ReferenceLogits(model, windows, directory=tmp_path)  # after the hook: a hook added later is a change
-    try:
+    with _counted_reference(model, windows, tmp_path) as (ref, calls):
         own = evaluate(model, windows, ref_model=ref, batch_size=2, progress=False)
         n_own = len(calls)
         other = evaluate(noisy, windows, ref_model=ref, batch_size=2, progress=False)
-    finally:
-        hook.remove()
-        ref.close()
     assert n_own == 2 and len(calls) == 2  # one forward per batch for its own score, none for the other model
     assert own["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)
     assert own["kl"] == 0.0 and own["top1_agreement"] == 1.0
