@@ -221,10 +221,10 @@ def evaluate(
     batches = range(0, n, batch_size)
     desc = "ppl+kl" if ref_model is not None else "ppl"
     cached = isinstance(ref_model, ReferenceLogits)
+    own = cached and ref_model.is_reference(model)  # scoring the unchanged reference itself
     with torch.inference_mode(), eval_mode(model, ref_model.model if cached else ref_model):
         for i in tqdm(batches, desc=desc, unit="batch" if batch_size > 1 else "window", disable=not progress):
             batch = windows[i : i + batch_size]
-            own = cached and ref_model.is_reference(model)  # scoring the unchanged reference itself
             logits = ref_model.cached_logits(i, batch) if own else None
             if logits is None:
                 logits = _logits(model, batch)[:, :-1]  # [b, seqlen - 1, vocab]
