@@ -12,8 +12,8 @@ import torch
 
 from ..errors import SpecError
 from ..models import linear_weight, set_module
-from ..nn import W4A8Linear
-from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from ..nn import W4A8Linear, is_int8_per_token
+from ..quant import PerChannel, PerGroup, PerTensor, QuantSpec
 from .base import Algorithm
 from .w8a8 import check_finite_weights
 
@@ -36,8 +36,7 @@ def check_per_token(activations: QuantSpec | None, what: str) -> None:
     if activations is None:
         raise SpecError(f"a {what} recipe needs an `activations` block (bits 8, symmetric, granularity token, "
                         f"dynamic true)")
-    if (activations.bits != 8 or not activations.symmetric or activations.dtype != "int"
-            or not isinstance(activations.granularity, PerToken) or not activations.dynamic):
+    if not is_int8_per_token(activations):
         raise SpecError(f"{what} quantizes activations to int8 per token, dynamic; the recipe has {activations}")
 
 

@@ -127,9 +127,8 @@ def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
     a straight-through gradient: what trains a layer whose packed form quantizes its input per token
     (QAT, ZeroQuant's LKD) sees exactly the kernel's rounding, not lowbit.quant's absmax / 127.5 grid."""
     xf = x.float()
-    scale = xf.detach().abs().amax(dim=-1, keepdim=True).div(QMAX).clamp(min=SCALE_EPS)
-    dq = torch.clamp(torch.round(xf.detach() / scale), -QMAX, QMAX) * scale
-    return xf + (dq - xf).detach()
+    q, scale = quantize_per_token(x.detach())
+    return xf + (q.float() * scale - xf).detach()
 
 
 def quantize_per_tensor(x: torch.Tensor, *, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Packed modules that replace `nn.Linear`."""
 
 from .awq_linear import AWQ_LAYOUTS, AWQLinear, AWQLinearGEMM, AWQLinearGEMV
-from .fake_quant import FakeQuantize, FakeQuantLinear
+from .fake_quant import FakeQuantize, FakeQuantLinear, is_int8_per_token
 from .mixed_int8_linear import MixedInt8Linear
 from .spqr_linear import SpQRLinear
 from .w4a8_linear import W4A8Linear
@@ -12,4 +12,4 @@ QUANTIZED_MODULES = {"WQLinear": WQLinear, "AWQLinearGEMM": AWQLinearGEMM, "AWQL
                      "SpQRLinear": SpQRLinear, "W8A8Linear": W8A8Linear,
                      "MixedInt8Linear": MixedInt8Linear, "W4A8Linear": W4A8Linear}
 
-__all__ = ["WQLinear", "W4A8Linear", "W8A8Linear", "MixedInt8Linear", "FakeQuantize", "FakeQuantLinear", "SpQRLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]
+__all__ = ["WQLinear", "W4A8Linear", "W8A8Linear", "MixedInt8Linear", "FakeQuantize", "FakeQuantLinear", "is_int8_per_token", "SpQRLinear", "AWQLinear", "AWQLinearGEMM", "AWQLinearGEMV", "AWQ_LAYOUTS", "QUANTIZED_MODULES"]

@@ -44,7 +44,7 @@ from ..quant.primitives import SCALE_EPS
 from .w4a8_linear import W4A8Linear
 from .wq_linear import WQLinear, fp16_scale
 
-__all__ = ["FakeQuantize", "FakeQuantLinear"]
+__all__ = ["FakeQuantize", "FakeQuantLinear", "is_int8_per_token"]
 
 
 def _stored_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -149,7 +149,7 @@ def _weight_spec(spec: QuantSpec, in_features: int, name: str) -> QuantSpec:
 KERNEL_INPUT_SPEC = QuantSpec(bits=8, symmetric=True, granularity=PerToken(), dynamic=True)
 
 
-def _is_kernel_input(spec: QuantSpec | None) -> bool:
+def is_int8_per_token(spec: QuantSpec | None) -> bool:
     """int8 per token, dynamic: what W8A8/W4A8 kernels do to their input (`quantize_per_token`)."""
     return (spec is not None and spec.bits == 8 and spec.symmetric and spec.dtype == "int" and spec.dynamic
             and isinstance(spec.granularity, PerToken))
@@ -208,7 +208,7 @@ class FakeQuantLinear(nn.Module):
                                              None if self.spec.symmetric else torch.zeros(out_features, ng),
                                              learnable=learnable_scales, lsq_grad_scale=lsq_grad_scale,
                                              learnable_zero=learnable_zeros,
-                                             scale_dtype=torch.float32 if _is_kernel_input(input_spec) else torch.float16)
+                                             scale_dtype=torch.float32 if is_int8_per_token(input_spec) else torch.float16)
             self.group_mult = None
         if act_order:
             self.register_buffer("perm", torch.arange(in_features))
@@ -296,9 +296,11 @@ class FakeQuantLinear(nn.Module):
         if self.group_mult is None:
             return self.weight_quant.qparams(self.group_size)
         row = self.weight_quant.qparams(self.in_features)
-        mult = self.group_mult
-        mult = straight_through(mult, mult.detach().round().clamp(1, GROUP_SCALE_MAX))
-        return QParams(scale=row.scale * mult, zero_point=None)
+        return QParams(scale=row.scale * straight_through(self.group_mult, self._multipliers()), zero_point=None)
+
+    def _multipliers(self) -> torch.Tensor:
+        """The two-level group multipliers as the packed module holds them: integers in [1, 16]."""
+        return self.group_mult.detach().round().clamp(1, GROUP_SCALE_MAX)
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight `[out, in]`, input channels in model order."""
@@ -317,7 +319,7 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
-            if _is_kernel_input(self.input_quant.spec):
+            if is_int8_per_token(self.input_quant.spec):
                 x = fake_quantize_per_token(x).to(x.dtype)
             else:
                 x = self.input_quant(x)
@@ -341,7 +343,7 @@ class FakeQuantLinear(nn.Module):
     def to_w4a8linear(self) -> W4A8Linear:
         """The W4A8 module computing what this one computes: int4 codes, the row scales, and the group
         multipliers (two-level) or one group per row; the input per token in int8."""
-        if not _is_kernel_input(None if self.input_quant is None else self.input_quant.spec):
+        if not is_int8_per_token(None if self.input_quant is None else self.input_quant.spec):
             raise SpecError(f"layer {self.name or '?'}: W4A8Linear quantizes its input to int8 per token (dynamic); "
                             f"this layer's input is {None if self.input_quant is None else self.input_quant.spec}")
         if not (self.spec.symmetric and self.spec.bits == 4) or self.perm is not None:
@@ -355,8 +357,8 @@ class FakeQuantLinear(nn.Module):
         if self.group_mult is None:
             return W4A8Linear.from_codes(codes, qp.scale.detach(), self.bias, name=self.name)
         row = self.weight_quant.qparams(self.in_features).scale.detach()
-        mult = self.group_mult.round().clamp(1, GROUP_SCALE_MAX).to(torch.uint8)
-        return W4A8Linear.from_codes(codes, row, self.bias, group_scale=mult, group_size=self.group_size,
+        return W4A8Linear.from_codes(codes, row, self.bias, group_scale=self._multipliers().to(torch.uint8),
+                                     group_size=self.group_size,
                                      name=self.name)
 
     def extra_repr(self) -> str:
