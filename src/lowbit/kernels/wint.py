@@ -488,11 +488,11 @@ def _codes_linear_per_channel(xb, codes, scales, offset):
     return y
 
 
-def _int4pack_scale_offset(sz, cols):
-    """bf16 s, c [K // g, 1, cols] with W = q * s + c, from the op's (scale, zero) pairs."""
+def _int4pack_scale_offset(sz, cols, dtype=_BF16):
+    """s, c [K // g, 1, cols] in `dtype` with W = q * s + c, from the op's (scale, zero) pairs."""
     s = sz[:, cols, 0].float()
     c = sz[:, cols, 1].float() - 8.0 * s
-    return s.to(_BF16)[:, None, :], c.to(_BF16)[:, None, :]
+    return s.to(dtype)[:, None, :], c.to(dtype)[:, None, :]
 
 
 def _panel_blocking(k: int, g: int, nblk: int) -> tuple[int, int]:
@@ -551,9 +551,8 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
         # in float32: a layer narrower than 64 outputs (k/v of small GQA models) is all tail, and
         # q * s + c rounded to bf16 (c = zero - 8 s is large against q * s) tripled its error
         wt = torch.stack([t & 15, t >> 4], dim=2).reshape(k, tail).float()
-        s = sz[:, nfull:n, 0].float()
-        c = sz[:, nfull:n, 1].float() - 8.0 * s
-        wt.view(ng, g, tail).mul_(s[:, None, :]).add_(c[:, None, :])
+        s, c = _int4pack_scale_offset(sz, slice(nfull, n), torch.float32)
+        wt.view(ng, g, tail).mul_(s).add_(c)
         outs.append(xb.float() @ wt)
     if len(outs) > 1 and outs[0].dtype != outs[1].dtype:
         outs[1] = outs[1].to(outs[0].dtype)
