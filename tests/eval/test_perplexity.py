@@ -203,9 +203,12 @@ def test_kept_reference_logits_are_reused_by_a_later_run(model, tokenizer, tmp_p
         assert len(calls) == 3
         again = evaluate(noisy, windows, ref_model=second, progress=False)
         assert len(calls) == 3
-        other_key = ReferenceLogits(model, windows, path=path, key="another model")
-        evaluate(noisy, windows[:1], ref_model=other_key, progress=False)
-        assert len(calls) == 4  # not reused: the key differs
+        kept = path.read_bytes()
+        with pytest.raises(LowbitError, match="other windows or another model"):
+            ReferenceLogits(model, windows, path=path, key="another model")  # neither reused nor overwritten
+        with pytest.raises(LowbitError, match="other windows or another model"):
+            ReferenceLogits(model, windows[:2], path=path, key="m")
+        assert path.read_bytes() == kept and len(calls) == 3
     finally:
         hook.remove()
     assert own["ppl"] == pytest.approx(plain["ppl"], rel=1e-6) and own["kl"] == 0.0

@@ -111,8 +111,9 @@ class ReferenceLogits:
                  path: str | os.PathLike | None = None, key: str = ""):
         """`path`: keep the logits in this file after `close` (and beside it, in `path`.json, which
         windows are done), so that later runs on the same windows read them instead of running the
-        model. They are reused only when the JSON records the same windows (SHA-256) and the same `key`,
-        which should name the reference model (its checkpoint path): the file cannot tell models apart."""
+        model. The JSON records the windows (SHA-256) and `key`, which should name the reference model (its
+        checkpoint path): the file cannot tell models apart. A file kept for other windows or another key is
+        an error, never overwritten."""
         import hashlib
         import tempfile
 
@@ -133,8 +134,11 @@ class ReferenceLogits:
         if self._file.is_file() and self._meta.is_file():
             meta = json.loads(self._meta.read_text())
             shape = meta.get("shape")
-            if ({k: meta.get(k) for k in self._id} == self._id and shape
-                    and self._file.stat().st_size == math.prod(shape) * 4):
+            if {k: meta.get(k) for k in self._id} != self._id:
+                # never overwrite another reference's logits (Gemma-3's take 21 GB and an hour to redo)
+                raise LowbitError(f"{self._file} holds reference logits of other windows or another model "
+                                  f"(key {meta.get('key')!r}, here {key!r}); pass another path, or delete it")
+            if shape and self._file.stat().st_size == math.prod(shape) * 4:
                 self._store = torch.from_file(str(self._file), shared=True, size=math.prod(shape),
                                               dtype=torch.float32).view(shape)
                 self._done = torch.tensor(meta["done"], dtype=torch.bool)
