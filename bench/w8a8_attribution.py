@@ -10,7 +10,8 @@ about the all-linears row when the errors are independent.
 
     python bench/w8a8_attribution.py [--model smollm2-135m] [--windows 4] [--text valid|test]
         [--configs a8:all,w8:all,...] [--threshold 6.0[,4,3,...]] [--stats]
-        [--smooth ALPHA [--calib-samples 16] [--pairs all] [--search-tokens 2048]] [--json out.json]
+        [--smooth ALPHA [--calib-samples 16] [--pairs all] [--search-tokens 2048] [--objective block]]
+        [--json out.json]
 
 `--smooth` first folds SmoothQuant's scales (lowbit's `smoothquant` step alone, calibrated on random
 slices of wiki.valid.tokens) into the float model, so the rows show what is left after smoothing.
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--pairs", default="all")
     ap.add_argument("--search-tokens", type=int, default=None, help="alpha auto: tokens scored per pair")
+    ap.add_argument("--objective", choices=("pair", "block"), default=None,
+                    help="alpha auto: score alphas by the pair's outputs or by the block's output")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     thresholds = [float(t) for t in a.threshold.split(",")]
@@ -215,7 +218,8 @@ def main() -> None:
         rec = Recipe(name="smooth-only", description="", weights=QuantSpec(bits=8, symmetric=True,
                      granularity=PerChannel()), steps=[{"method": "smoothquant", "pairs": a.pairs,
                                               "alpha": a.smooth if a.smooth == "auto" else float(a.smooth),
-                                              **({"search_tokens": a.search_tokens} if a.search_tokens else {})}])
+                                              **({"search_tokens": a.search_tokens} if a.search_tokens else {}),
+                                              **({"objective": a.objective} if a.objective else {})}])
         calib = lowbit.calib.text_file(WIKI_VALID, n_samples=a.calib_samples, seqlen=512)
         t0 = time.perf_counter()
         lowbit.quantize(model, rec, calib, progress=False)

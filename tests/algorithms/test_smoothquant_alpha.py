@@ -130,3 +130,82 @@ def test_alpha_settings_errors():
     model = tiny_model("llama")
     sq.prepare(model, get_adapter(model))
     assert sq.alpha == "auto"
+
+
+def test_fake_int8_pair_is_what_w8a8_linear_computes_after_the_fold():
+    # the block objective simulates a pair's W8A8 with hooks on the unfolded float linears; it must
+    # give W8A8Linear's output on the folded linear (x / s in, W * s as weight), and undo exactly
+    from lowbit.algorithms.smoothquant import _fake_int8_pair, smooth_scales
+    from lowbit.nn import W8A8Linear
+
+    x = _outlier_input(tokens=128, seed=8)
+    lins = [torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(64, 16, bias=False)]
+    for i, lin in enumerate(lins):
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=torch.Generator().manual_seed(10 + i)) * 0.05)
+    before = [lin.weight.detach().clone() for lin in lins]
+    s = smooth_scales(x.abs().amax(0), [lin.weight for lin in lins], 0.6)
+    for wg, act in (("channel", "per_token"), ("tensor", "per_tensor")):
+        with torch.no_grad():
+            undo = _fake_int8_pair(lins, s, wg, act)
+            got = [lin(x) for lin in lins]
+            undo()
+            for lin, g in zip(lins, got):
+                folded = torch.nn.Linear(64, lin.out_features, bias=False)
+                folded.weight.copy_(lin.weight * s)
+                want = W8A8Linear.from_float(folded, weight_granularity=wg, act_mode=act)(x / s)
+                torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+                # and it is not the float product: the rounding is there
+                assert float((g - lin(x)).abs().max()) > 0
+    for lin, w in zip(lins, before):
+        assert torch.equal(lin.weight, w) and not lin._forward_pre_hooks
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_block_objective_keeps_the_float_function_and_picks_the_least_block_error(model_type, monkeypatch):
+    import lowbit.algorithms.smoothquant as sqm
+
+    seen = []
+    real = sqm.search_alpha_block
+
+    def spy(*args, **kwargs):
+        best, errs = real(*args, **kwargs)
+        seen.append((best, errs))
+        return best, errs
+
+    monkeypatch.setattr(sqm, "search_alpha_block", spy)
+    model = _with_outlier_channels(tiny_model(model_type))
+    with torch.no_grad():
+        want = model(IDS).logits
+        sq = SmoothQuant(alpha="auto", pairs="all", objective="block", search_tokens=64)
+        sq.prepare(model, get_adapter(model))
+        BlockRunner(model, get_adapter(model), IDS, progress=False).run([sq])
+        got = model(IDS).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(seen) == len(sq.last_alphas) >= 4
+    for best, errs in seen:
+        assert set(errs) == set(ALPHA_GRID) and errs[best] == min(errs.values()) and errs[best] > 0
+        assert len(set(errs.values())) > 1  # the alphas are told apart
+    assert sq.config()["objective"] == "block"
+
+
+def test_block_objective_preset_variant_is_no_worse_than_the_default_alpha():
+    base = _with_outlier_channels(tiny_model("llama"), scale=80.0)
+    with torch.no_grad():
+        want = base(IDS).logits
+
+    def err(**step):
+        rec = load_recipe("w8a8-sq-o1")
+        rec.steps = [dict(rec.steps[0], **step), *rec.steps[1:]]
+        q = lowbit.quantize(_with_outlier_channels(tiny_model("llama"), scale=80.0), rec, IDS, progress=False)
+        with torch.no_grad():
+            return float((q(IDS).logits - want).pow(2).mean() / want.pow(2).mean())
+
+    e_block, e_half = err(alpha="auto", objective="block"), err(alpha=0.5)
+    assert e_block < 0.01
+    assert e_block <= 1.1 * e_half
+
+
+def test_objective_errors():
+    with pytest.raises(SpecError, match="objective"):
+        SmoothQuant(alpha="auto", objective="model")

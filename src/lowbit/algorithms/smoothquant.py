@@ -34,6 +34,14 @@ with the reference kept and the integer GEMM; 512 tokens (the default) quarter t
 step: 114 s at 2048 tokens, 69 s at 512, with the same alpha for 79 of the 90 pairs (the others one
 grid step away, one up_proj 0.30 against 0.50).
 
+`objective: block` scores each alpha by the whole block's output instead, with only that pair
+rounded to int8 (simulated on the float linears: x / s and W * s rounded as W8A8Linear rounds them)
+and the block run on whole calibration sequences of about `search_tokens` tokens (attention needs
+whole sequences): what an error in q/k/v does after the softmax, and in gate/up after the gating,
+counts as it will, where the pair objective weighs every output of the pair alike. down_proj's (and
+o_proj's) errors reach the block output unchanged, so there the two objectives agree up to the
+sample. Cost: one block forward per alpha and pair on the sampled sequences.
+
 With a fixed alpha, more calibration is not better: max|X_j| only grows with more tokens, so the
 scales follow the rarest tokens and the weights take more of the range than the typical token needs
 (alpha 0.5, the same held-out windows: KL 0.0103 with 16 x 512, 0.0122 with 64 x 512; down_proj's
@@ -46,6 +54,7 @@ import logging
 
 import torch
 
+from ..calib.runner import call_block
 from ..calib.stats import ActStats
 from ..errors import SpecError
 from ..kernels.int8_gemm import int8_gemm, prepare_int8, quantize_activation
@@ -57,6 +66,7 @@ from .base import Algorithm
 log = logging.getLogger(__name__)
 
 PAIR_KINDS = {"norm": ("norm",), "all": ("norm", "linear")}
+OBJECTIVES = ("pair", "block")
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))  # 0.2 .. 0.95
 
 
@@ -114,13 +124,58 @@ def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.
     return min(errs, key=errs.get), errs
 
 
+def _fake_int8_pair(linears, s: torch.Tensor, weight_granularity: str, act: str):
+    """Makes `linears` (float, not folded) compute what they will once s is folded and they run in
+    W8A8: int8(x / s) @ int8(W * s)^T, dequantized. Returns an undo callable."""
+    saved, handles = [], []
+
+    def pre(_m, args):
+        x = args[0]
+        x2 = (x.reshape(-1, x.shape[-1]).float() / s).contiguous()
+        q, sc = quantize_activation(x2, act)
+        return ((q.float() * sc).reshape(x.shape).to(x.dtype), *args[1:])
+
+    for lin in linears:
+        w = linear_weight(lin)
+        q, sc = int8_weight(w.detach().float() * s, weight_granularity)
+        saved.append((w, w.detach().clone()))
+        w.copy_(q.float() * sc)  # in place: a Conv1D's [out, in] weight is a view
+        handles.append(lin.register_forward_pre_hook(pre))
+
+    def undo():
+        for h in handles:
+            h.remove()
+        for w, orig in saved:
+            w.copy_(orig)
+    return undo
+
+
+def search_alpha_block(run, ref: list[torch.Tensor], act_absmax: torch.Tensor, linears, grid=ALPHA_GRID,
+                       weight_granularity: str = "channel", act: str = "per_token") -> tuple[float, dict[float, float]]:
+    """The alpha of `grid` whose int8-rounded pair (the other linears of the block left in float)
+    gives the block outputs nearest `ref` (squared error), and every alpha's error. `run()` runs the
+    block on the sampled calibration sequences and returns its outputs, one per sequence."""
+    weights = [linear_weight(m) for m in linears]
+    errs = {}
+    for a in grid:
+        s = smooth_scales(act_absmax, weights, float(a)).to(weights[0].device)
+        undo = _fake_int8_pair(linears, s, weight_granularity, act)
+        try:
+            outs = run()
+        finally:
+            undo()
+        errs[float(a)] = sum(float(torch.nn.functional.mse_loss(o.float(), r.float(), reduction="sum"))
+                             for o, r in zip(outs, ref))
+    return min(errs, key=errs.get), errs
+
+
 class SmoothQuant(Algorithm):
     name = "smoothquant"
     requires_calibration = True
     takes_activations = True  # alpha: auto scores each alpha with the activations rounded as the recipe says
 
     def __init__(self, spec=None, alpha: float | str | dict = 0.5, pairs: str = "norm", alpha_grid=None,
-                 search_tokens: int = 512, activations=None):
+                 search_tokens: int = 512, objective: str = "pair", activations=None):
         # alpha: one number, "auto", or {model_type: alpha, "default": alpha} for per-model settings
         self.alpha_setting = alpha
         if pairs not in PAIR_KINDS:
@@ -130,6 +185,12 @@ class SmoothQuant(Algorithm):
         if not isinstance(search_tokens, int) or isinstance(search_tokens, bool) or search_tokens < 1:
             raise SpecError(f"smoothquant: search_tokens must be a positive integer, got {search_tokens!r}")
         self.search_tokens = search_tokens
+        if objective not in OBJECTIVES:
+            raise SpecError(f"smoothquant: objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        # alpha auto scores each alpha by the pair's own outputs ("pair") or by the whole block's output
+        # with that pair rounded ("block": whole calibration sequences of about search_tokens tokens,
+        # since attention needs them; what q/k/v's and gate/up's errors do after softmax and gating)
+        self.objective = objective
         # what the rounding step after this one will do, for the alpha search (the recipe's specs;
         # without them, W8A8 O1's: per-channel weights, per-token activations)
         self.weight_granularity = "tensor" if isinstance(getattr(spec, "granularity", None), PerTensor) else "channel"
@@ -180,7 +241,7 @@ class SmoothQuant(Algorithm):
             if name not in stats:
                 stats[name] = ActStats.empty(x.shape[-1], x.device)
             stats[name].add(x)
-            if self.alpha == "auto":
+            if self.alpha == "auto" and self.objective == "pair":
                 k = max(1, round(x.shape[0] * frac))
                 gen = torch.Generator().manual_seed(seen[name])
                 rows = torch.randperm(x.shape[0], generator=gen)[:k].to(x.device)
@@ -202,6 +263,8 @@ class SmoothQuant(Algorithm):
         # One forward records every pair's input: a fold changes only its own linears' inputs
         # (prev's outputs / s times W * s), never what another pair reads.
         stats, samples = self._record(ctx, sorted({p.linear_names[0] for p in pairs}))
+        if self.alpha == "auto" and self.objective == "block":
+            run, ref = self._block_sample(ctx)
         for pair in pairs:
             st = stats.get(pair.linear_names[0])
             if st is None:
@@ -209,7 +272,11 @@ class SmoothQuant(Algorithm):
                 continue
             weights = [linear_weight(m) for m in pair.linears]
             alpha = self.alpha
-            if alpha == "auto":
+            if alpha == "auto" and self.objective == "block":
+                alpha, errs = search_alpha_block(run, ref, st.channel_absmax, pair.linears, self.alpha_grid,
+                                                 self.weight_granularity, self.act)
+                log.debug("%s.%s: alpha %.2f (block errors %s)", ctx.name, pair.prev_name, alpha, errs)
+            elif alpha == "auto":
                 alpha, errs = search_alpha(samples[pair.linear_names[0]], st.channel_absmax, weights,
                                            self.alpha_grid, self.weight_granularity, self.act)
                 log.debug("%s.%s: alpha %.2f (errors %s)", ctx.name, pair.prev_name, alpha, errs)
@@ -218,9 +285,23 @@ class SmoothQuant(Algorithm):
             self.last_scales[f"{ctx.name}.{pair.prev_name}"] = s.cpu()
             self.last_alphas[f"{ctx.name}.{pair.prev_name}"] = float(alpha)
 
+    def _block_sample(self, ctx):
+        """(run, ref): a function running the block on calibration sequences of about `search_tokens`
+        tokens in all (whole chunks, spread evenly over the calibration set), and the block's outputs
+        on them now (float: a fold keeps them)."""
+        per = [c.hidden.shape[0] * c.hidden.shape[1] for c in ctx.chunks]
+        n = min(len(per), max(1, -(-self.search_tokens // max(per))))
+        picks = sorted({round(i * (len(per) - 1) / max(n - 1, 1)) for i in range(n)}) if n > 1 else [len(per) // 2]
+        chunks = [ctx.chunks[i] for i in picks]
+
+        def run() -> list[torch.Tensor]:
+            with ctx.autocast():
+                return [call_block(ctx.block, c.hidden.to(ctx.device), ctx.kwargs(c)) for c in chunks]
+        return run, run()
+
     def config(self) -> dict:
         d = {"method": self.name, "alpha": self.alpha, "pairs": self.pairs}
         if self.alpha == "auto":
-            d.update(alpha_grid=list(self.alpha_grid), search_tokens=self.search_tokens,
+            d.update(alpha_grid=list(self.alpha_grid), search_tokens=self.search_tokens, objective=self.objective,
                      alphas=dict(self.last_alphas))
         return d
