@@ -327,12 +327,13 @@ def test_awq_options_round_trip_and_bad_values_are_refused():
         "asym", "both", "float32", "bfloat16")
     assert alg.forward_dtype is torch.bfloat16
     for bad in ({"clip_mode": "minmax"}, {"duo_scaling": "yes"}, {"stats_dtype": "float16"},
-                {"forward_dtype": "int8"}):
+                {"forward_dtype": "int8"}, {"propagate": "gptq"}):
         with pytest.raises(SpecError):
             AWQ(spec, **bad)
 
 
-@pytest.mark.parametrize("step", [{"clip_mode": "asym"}, {"duo_scaling": "both"}, {"forward_dtype": "bfloat16"}])
+@pytest.mark.parametrize("step", [{"clip_mode": "asym"}, {"duo_scaling": "both"}, {"forward_dtype": "bfloat16"},
+                                  {"propagate": "quantized"}])
 def test_awq_variants_beat_rtn_on_outliers(step):
     model = outlier_llama()
     ids = calib_ids(n=4, length=64)
@@ -383,3 +384,96 @@ def test_triangular_output_error_matches_the_second_moment_form(tokens):
     torch.testing.assert_close(output_error_tri(d.bfloat16(), L.bfloat16()), exact, rtol=1e-2, atol=0)
     direct = torch.stack([(x @ di.t()).pow(2).sum() for di in d]) / tokens
     torch.testing.assert_close(output_error_tri(d, L), direct, rtol=1e-4, atol=0)
+
+
+def _block_inputs(model, ids, index):
+    """The hidden states entering decoder block `index` when the model runs on ids."""
+    got = []
+    block = get_blocks(model, get_adapter(model))[index]
+    h = block.register_forward_pre_hook(lambda m, args, kw: got.append((args[0] if args else kw["hidden_states"]).clone()),
+                                        with_kwargs=True)
+    try:
+        logits(model, ids)
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+@pytest.mark.parametrize("propagate", ["float", "quantized"])
+def test_propagate_decides_which_block_outputs_the_next_block_is_calibrated_on(propagate, monkeypatch):
+    ids = calib_ids(n=4, length=32)
+    model = outlier_llama()
+    float_in = _block_inputs(model, ids, 1)
+    seen = {}
+    real = AWQ.quantize_block
+
+    def spy(self, ctx):
+        seen[ctx.index] = torch.cat([c.hidden for c in ctx.chunks]).clone()
+        return real(self, ctx)
+
+    monkeypatch.setattr(AWQ, "quantize_block", spy)
+    lowbit.quantize(model, awq_recipe(bits=3, propagate=propagate), ids, progress=False)
+    # block 0 is final once quantized, so the quantized model's block-1 inputs are its outputs
+    quant_in = _block_inputs(model, ids, 1)
+    assert float((quant_in - float_in).norm() / float_in.norm()) > 1e-3  # W3 moved them measurably
+    want, other = (float_in, quant_in) if propagate == "float" else (quant_in, float_in)
+    tol = 1e-4 * float(want.abs().max())
+    torch.testing.assert_close(seen[1], want, rtol=1e-4, atol=tol)
+    assert not torch.allclose(seen[1], other, rtol=1e-4, atol=tol)
+
+
+def test_tied_scales_follow_grouped_query_heads():
+    from lowbit.algorithms.awq import expand_tied, tie_scales
+
+    n_rep, hd, kv = 3, 4, 2
+    s_v = torch.rand(5, kv * hd) + 0.5
+    s_o = expand_tied(s_v, n_rep, hd)
+    assert s_o.shape == (5, kv * n_rep * hd)
+    for h in range(kv * n_rep):  # query head h reads value head h // n_rep, as repeat_kv lays them out
+        torch.testing.assert_close(s_o[:, h * hd:(h + 1) * hd], s_v[:, (h // n_rep) * hd:(h // n_rep + 1) * hd])
+    torch.testing.assert_close(tie_scales(s_o, n_rep, hd), s_v)
+    # untied scales: each value channel gets the geometric mean of the columns that read it
+    s = torch.rand(kv * n_rep * hd) + 0.5
+    want = torch.stack([s[[(v // hd) * n_rep * hd + r * hd + v % hd for r in range(n_rep)]].prod() ** (1 / n_rep)
+                        for v in range(kv * hd)])
+    torch.testing.assert_close(tie_scales(s, n_rep, hd), want)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_gqa_tied_value_scale_keeps_the_float_function_and_moves_o_proj(model_type):
+    model = tiny_model(model_type)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    plain = copy.deepcopy(model)
+    ids = calib_ids()
+    ref = logits(model, ids)
+    lowbit.quantize(plain, awq_recipe(quantize=False, clip=False), ids, progress=False)
+    lowbit.quantize(model, awq_recipe(quantize=False, clip=False, tie_gqa=True), ids, progress=False)
+    adapter = get_adapter(model)
+    for blk, pb in zip(get_blocks(model, adapter), get_blocks(plain, adapter)):
+        # without the tie nothing scales o_proj under GQA; with it, o_proj and v_proj both moved
+        assert not torch.equal(blk.self_attn.o_proj.weight, pb.self_attn.o_proj.weight)
+        assert not torch.equal(blk.self_attn.v_proj.weight, pb.self_attn.v_proj.weight)
+    torch.testing.assert_close(logits(model, ids), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_gqa_tied_value_scale_search_is_scored_and_beats_rtn(monkeypatch):
+    model = outlier_llama()
+    ids = calib_ids(n=4, length=64)
+    ref = logits(model, ids)
+    rtn = copy.deepcopy(model)
+    lowbit.quantize(rtn, load_recipe("w3a16-rtn", group_size=32), progress=False)
+    made = []
+    real = AWQ.__init__
+    monkeypatch.setattr(AWQ, "__init__", lambda self, *a, **k: (real(self, *a, **k), made.append(self))[0])
+    lowbit.quantize(model, awq_recipe(bits=3, tie_gqa=True), ids, progress=False)
+    (alg,) = made
+    for i in range(model.config.num_hidden_layers):
+        losses = alg.last_losses[f"model.layers.{i}.self_attn.v_proj"]
+        assert losses.shape == (20,) and bool(torch.isfinite(losses).all())
+        s = alg.last_scales[f"model.layers.{i}.self_attn.v_proj"]
+        hd = model.config.hidden_size // model.config.num_attention_heads
+        n_rep = model.config.num_attention_heads // model.config.num_key_value_heads
+        # the scale o_proj took is tied across the query heads of each value head
+        torch.testing.assert_close(s.view(-1, n_rep, hd), s.view(-1, n_rep, hd)[:, :1].expand(-1, n_rep, hd))
+    err = {n: float((logits(m, ids) - ref).norm() / ref.norm()) for n, m in (("awq", model), ("rtn", rtn))}
+    assert err["awq"] < err["rtn"], err

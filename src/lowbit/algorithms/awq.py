@@ -45,8 +45,15 @@ Where this departs from AutoAWQ, and why:
 - Pseudo-quantization is the one WQLinear stores (the range holds 0, scales rounded up to fp16), so
   the search scores exactly the weights that get packed.
 
+- `tie_gqa`: under grouped-query attention AutoAWQ and llm-compressor drop v -> o (a per-column
+  scale on o_proj has no inverse on the narrower v_proj), which leaves o_proj with no scale at all.
+  A scale shared by the o_proj columns of the n_rep query heads that read one value channel does
+  fold exactly into that channel's v_proj row; its grid is AutoAWQ's, tied by geometric mean over
+  those heads (`tie_scales`), scored from o_proj's X^T X like any linear pair.
+
 Pairs of kind "act" (a scale across GELU, which needs AutoAWQ's ScaledActivation) are skipped.
-The next block is fed the float block's outputs (`propagate = "float"`), as AutoAWQ does.
+The next block is fed the float block's outputs (`propagate = "float"`), as AutoAWQ does, or the
+quantized block's (`propagate: quantized`).
 """
 
 from __future__ import annotations
@@ -64,7 +71,9 @@ from torch import nn
 from ..calib.runner import call_block
 from ..calib.stats import add_product_
 from ..errors import SpecError
-from ..models import fold_scales, linear_weight, resolve_scaling_pairs, set_linear_weight, set_module
+from ..models import (ResolvedPair, fold_scales, get_module, linear_shape, linear_weight, resolve_scaling_pairs,
+                      set_linear_weight, set_module)
+from ..models.adapter import text_config
 from ..nn import WQLinear
 from ..nn.wq_linear import fp16_scale
 from ..quant import PerGroup, QuantSpec, quantize_dequantize
@@ -248,10 +257,48 @@ def scale_grid(w: torch.Tensor, x_mean: torch.Tensor, group_size: int, n_grid: i
     return s_all / (s_all.amax(dim=1, keepdim=True) * s_all.amin(dim=1, keepdim=True)).sqrt()
 
 
+def tie_scales(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Per-channel scales `[..., heads * head_dim]` of o_proj's input made equal across the n_rep
+    query heads that read one value head (their geometric mean), so that v_proj's rows can carry
+    the inverse: `[..., kv_heads * head_dim]`, value-channel order. `expand_tied` maps it back."""
+    lead = s.shape[:-1]
+    return s.log().reshape(*lead, -1, n_rep, head_dim).mean(-2).exp().reshape(*lead, -1)
+
+
+def expand_tied(s_v: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Value-channel scales `[..., kv_heads * head_dim]` repeated onto o_proj's input channels the way
+    grouped-query attention repeats value heads (query head h reads value head h // n_rep)."""
+    lead = s_v.shape[:-1]
+    v = s_v.reshape(*lead, -1, 1, head_dim)
+    return v.expand(*lead, v.shape[-3], n_rep, head_dim).reshape(*lead, -1)
+
+
+def gqa_value_pairs(block: nn.Module, adapter, config) -> list[tuple[int, ResolvedPair, int, int]]:
+    """The adapter's v -> o pairs dropped for grouped-query attention (condition "mha"), as
+    (index among the adapter's pairs, the resolved pair, n_rep, head_dim): a scale shared by the
+    n_rep query heads of each value head folds exactly into v_proj's rows (`tie_scales`)."""
+    c = text_config(config) if config is not None else None
+    heads = getattr(c, "num_attention_heads", None)
+    kv = getattr(c, "num_key_value_heads", None)
+    if not heads or not kv or kv == heads or heads % kv:
+        return []
+    out = []
+    for i, pair in enumerate(adapter.scaling_pairs):
+        if pair.when != "mha" or pair.kind != "linear" or len(pair.linears) != 1:
+            continue
+        prev, lin = get_module(block, pair.prev), get_module(block, pair.linears[0])
+        v_out, o_in = linear_shape(prev)[0], linear_shape(lin)[1]
+        n_rep = heads // kv
+        if v_out * n_rep != o_in or v_out % kv:
+            continue
+        out.append((i, ResolvedPair(pair, prev, (lin,), get_module(block, pair.inspect)), n_rep, v_out // kv))
+    return out
+
+
 @torch.no_grad()
 def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: QuantSpec, n_grid: int = 20,
-                      duo_scaling: bool = True, loss_dtype: torch.dtype = torch.bfloat16
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      duo_scaling: bool = True, loss_dtype: torch.dtype = torch.bfloat16,
+                      candidates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-input-channel scale `[in]` minimising the linears' summed output MSE, and every grid
     point's MSE `[n_grid]` (per token and output).
 
@@ -259,14 +306,15 @@ def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: Quan
     point a is tr(D G D^T) / n with D = pseudo_quantize(W s_a) / s_a - W, all rows stacked, computed
     as ||D L||^2 from G's Cholesky factor (`output_error_tri`, half the work of D G) in `loss_dtype`
     (bf16 GEMMs run 2-4x faster here than fp32; the relative error of a loss that sums millions of
-    terms stays far below the gaps between grid points).
+    terms stays far below the gaps between grid points). candidates `[k, in]`: score these instead
+    of `scale_grid`'s (the grid of a tied pair, `tie_scales`).
     """
     w = torch.cat([t.detach().float() for t in weights], dim=0)  # [O, in]
     out_f, in_f = w.shape
     gs = WQLinear.spec_group_size(spec, in_f)
     if stats.gram is None:
         raise RuntimeError("search_best_scale needs the whole second moment X^T X (InputStats with group_size None)")
-    s_all = scale_grid(w, stats.x_mean.to(w.device), gs, n_grid, duo_scaling)
+    s_all = scale_grid(w, stats.x_mean.to(w.device), gs, n_grid, duo_scaling) if candidates is None else candidates
     n_grid = s_all.shape[0]
     gram = (stats.gram / max(stats.n, 1)).to(w.device)
     L = gram_factor(gram)
@@ -560,8 +608,17 @@ class AWQ(Algorithm):
                  clip_skip=("q_proj", "k_proj", "query_key_value", "c_attn"), quantize: bool = True,
                  loss_dtype: str = "bfloat16", objective: str = "output", refine_topk: int = 3,
                  output_tokens: int | None = 512, output_dtype: str = "bfloat16", clip_mode: str = "abs",
-                 stats_dtype: str = "bfloat16", forward_dtype: str = "float32", grid_stride: int = 1):
+                 stats_dtype: str = "bfloat16", forward_dtype: str = "float32", grid_stride: int = 1,
+                 propagate: str = "float", tie_gqa: bool = False):
         self.spec = spec
+        # v -> o under grouped-query attention (which AutoAWQ and llm-compressor skip): one scale per
+        # value channel, shared by the o_proj columns of the query heads that read it
+        self.tie_gqa = bool(tie_gqa)
+        # what the next block is calibrated on: the float block's outputs (AutoAWQ), or the quantized
+        # block's ("quantized", as GPTQ: the searches then see the inputs the packed model will give)
+        if propagate not in ("float", "quantized"):
+            raise SpecError(f"propagate must be 'float' or 'quantized', got {propagate!r}")
+        self.propagate = propagate
         self.n_grid = int(n_grid)
         if duo_scaling not in (True, False, "both"):
             raise SpecError(f"duo_scaling must be true, false or 'both', got {duo_scaling!r}")
@@ -651,6 +708,13 @@ class AWQ(Algorithm):
         linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, WQLinear)}
         config = self._config if getattr(self, "_config", None) is not None else getattr(ctx.block, "config", None)
         pairs = resolve_scaling_pairs(ctx.block, ctx.adapter, config)
+        ties = {}  # id(pair) -> (n_rep, head_dim) for v -> o under grouped-query attention
+        if self.tie_gqa:
+            for _, rp, n_rep, head_dim in gqa_value_pairs(ctx.block, ctx.adapter, config):
+                pairs.append(rp)
+                ties[id(rp)] = (n_rep, head_dim)
+            order = {p: i for i, p in enumerate(ctx.adapter.scaling_pairs)}
+            pairs.sort(key=lambda rp: order[rp.pair])
         keep = ()
         if self.objective != "linear":
             keep = tuple(p.linear_names[0] for p in pairs if p.kind != "act" and _nonlinear_inspect(p))
@@ -689,10 +753,25 @@ class AWQ(Algorithm):
                 losses[idx] = out_losses
                 del self._raw[pair.linear_names[0]]
                 tick = self._timed(f"scale_output:{type(pair.inspect).__name__}", tick)
+            elif id(pair) in ties:
+                n_rep, head_dim = ties[id(pair)]
+                w_cat = torch.cat([w.float() for w in weights])
+                grid = scale_grid(w_cat, stats.x_mean.to(w_cat.device),
+                                  WQLinear.spec_group_size(self.spec, w_cat.shape[1]), self.n_grid, self.duo_scaling)
+                s, losses = search_best_scale(weights, stats, self.spec, loss_dtype=loss_dtype,
+                                              candidates=expand_tied(tie_scales(grid, n_rep, head_dim), n_rep, head_dim))
+                s_v = tie_scales(s, n_rep, head_dim)
+                s = expand_tied(s_v, n_rep, head_dim)  # exactly the inverse of what v's rows take
+                fold_scales(pair.prev, (), s_v, pair.kind)
+                for m in pair.linears:
+                    w = linear_weight(m)
+                    set_linear_weight(m, (w.float() * s.to(w.device)[None, :]).to(w.dtype))
+                tick = self._timed("scale_linear_output", tick)
             else:
                 s, losses = search_best_scale(weights, stats, self.spec, self.n_grid, self.duo_scaling, loss_dtype)
                 tick = self._timed("scale_linear_output", tick)
-            fold_scales(pair.prev, pair.linears, s, pair.kind)
+            if id(pair) not in ties:
+                fold_scales(pair.prev, pair.linears, s, pair.kind)
             scaled = stats.scaled(s)  # the linears now read prev(x) / s
             for n in pair.linear_names:
                 feats[n] = scaled
@@ -735,4 +814,4 @@ class AWQ(Algorithm):
                 "loss_dtype": self.loss_dtype, "objective": self.objective, "refine_topk": self.refine_topk,
                 "output_tokens": self.output_tokens, "output_dtype": self.output_dtype, "clip_mode": self.clip_mode,
                 "stats_dtype": self.stats_dtype, "forward_dtype": str(self.forward_dtype).replace("torch.", ""),
-                "grid_stride": self.grid_stride}
+                "grid_stride": self.grid_stride, "propagate": self.propagate, "tie_gqa": self.tie_gqa}
