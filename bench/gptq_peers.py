@@ -157,7 +157,10 @@ def main() -> None:
                 flags += ["--gptaq", str(args.asym_calib)]
         if damp[method] is not None:
             flags += ["--damp", str(damp[method])]
-        row = bench.peer_row(method, PEERS[method], flags, **extra)
+        # the row says which objective the peer ran (GPTQModel's GPTAQ under --asym-calib), not just its package
+        label = (f"GPTQModel 7.6.0 GPTAQ (alpha {args.asym_calib:g})"
+                 if method == "gptqmodel" and args.asym_calib else None)
+        row = bench.peer_row(method, PEERS[method], flags, label=label, **extra)
         used = (row.get("config") or {}).get("damp_percent" if method == "gptqmodel" else "dampening_frac")
         if used is not None:
             row["damp"] = used

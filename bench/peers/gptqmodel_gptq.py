@@ -143,7 +143,8 @@ def main() -> None:
                          "damp_percent": qcfg.damp_percent, "damp_auto_increment": qcfg.damp_auto_increment,
                          "desc_act": qcfg.desc_act, "static_groups": qcfg.static_groups,
                          "act_group_aware": qcfg.act_group_aware, "true_sequential": qcfg.true_sequential,
-                         "mse": qcfg.mse, "lm_head": qcfg.lm_head, "model_dtype": model_dtype,
+                         "mse": qcfg.mse, "gptaq_alpha": qcfg.gptaq.alpha if qcfg.gptaq else None,
+                         "lm_head": qcfg.lm_head, "model_dtype": model_dtype,
                          "cpu_workers": int(os.environ["GPTQMODEL_CPU_WORKERS"]),
                          "calibration": [int(n), int(seqlen)]})
 
