@@ -53,7 +53,8 @@ Where this departs from AutoAWQ, and why:
 
 Pairs of kind "act" (a scale across GELU, which needs AutoAWQ's ScaledActivation) are skipped.
 The next block is fed the float block's outputs (`propagate = "float"`), as AutoAWQ does, or the
-quantized block's (`propagate: quantized`).
+quantized block's (`propagate: quantized`, as GPTQ: the searches then see the inputs the packed
+model gives; SmolLM2 W4 g64 8 x 512, validation ppl 28.84 -> 28.63, so w4a16-awq uses it).
 """
 
 from __future__ import annotations
