@@ -43,13 +43,13 @@ bench: setup
 	$(BIN)/lowbit zoo pull $(MODEL)
 	$(BIN)/python bench/methods.py --model $(MODEL) --windows 40 --out $(BENCH_OUT)
 	$(BIN)/python bench/peers.py --model $(MODEL) --windows 40 --results $(BENCH_OUT)/results.json
-	$(BIN)/python bench/kernels.py --quick --json $(BENCH_OUT)/kernels.json --markdown $(BENCH_OUT)/kernels.md
+	$(BIN)/python bench/kernel_speed.py --quick --json $(BENCH_OUT)/kernels.json --markdown $(BENCH_OUT)/kernels.md
 	{ printf '# Benchmark results (`make bench`, %s, %s)\n\n' "$$(date -u +%F)" "$$(uname -m), $$(nproc) CPUs"; \
 	  cat $(BENCH_OUT)/results.md; printf '\n'; cat $(BENCH_OUT)/kernels.md; } > bench/RESULTS.md
 	@echo "wrote bench/RESULTS.md"
 
 bench-kernels: setup
-	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/kernel_speed.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -9,7 +9,7 @@ weights streamed from DRAM (decode reads every weight once per token). Candidate
 interleaved rounds (medians of `torch.utils.benchmark` medians) so that other load on the machine
 hits all of them alike.
 
-    python bench/kernels.py [--quick] [--json bench/out/kernels.json] [--markdown FILE] [--threads 2]
+    python bench/kernel_speed.py [--quick] [--json bench/out/kernels.json] [--markdown FILE] [--threads 2]
                             [--shapes 576x576,4096x4096] [--ms 1,16,128] [--timer wall|cpu]
 
 `--timer cpu` times process CPU time instead of wall time: steadier on a shared machine, and
