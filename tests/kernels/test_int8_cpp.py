@@ -10,6 +10,7 @@ import torch
 
 from lowbit.errors import SpecError
 from lowbit.kernels import _int8_cpp
+from tests.conftest import ONEDNN
 
 K = importlib.import_module("lowbit.kernels.int8_gemm")
 
@@ -82,7 +83,7 @@ def test_epilogue_bit_identical(acc_dtype, out_dtype, per_token, per_channel, bi
     assert got.dtype == out_dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend", ["ref", "int_mm", "onednn"])
+@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32"])
 def test_uint8_codes_give_the_same_result_as_int8(backend):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(20, 96, generator=g)
@@ -108,6 +109,7 @@ def test_torch_fallback_matches_the_extension(monkeypatch):
         assert torch.equal(qa, qb) and torch.equal(sa, sb)
 
 
+@pytest.mark.skipif(not K._has_vnni(), reason="this CPU has no VNNI/AMX for oneDNN's int8 GEMM")
 def test_backend_choice_by_token_count(monkeypatch):
     monkeypatch.delenv(K.BACKEND_ENV, raising=False)
     qw = torch.randint(-127, 128, (16, 32), dtype=torch.int8)

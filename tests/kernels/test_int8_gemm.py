@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowbit.errors import SpecError
+from tests.conftest import ONEDNN
 
 # the package exports the function int8_gemm under the module's name: fetch the module itself
 K = importlib.import_module("lowbit.kernels.int8_gemm")
@@ -24,7 +25,7 @@ def _exact(qx, qw):
     return (qx.double() @ qw.double().t())
 
 
-@pytest.mark.parametrize("backend", ["ref", "int_mm", "onednn"])
+@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32"])
 @pytest.mark.parametrize("x_gran,w_gran", [("token", "channel"), ("tensor", "tensor"), ("token", "tensor"),
                                            ("tensor", "channel")])
 def test_backends_match_exact_accumulation(backend, x_gran, w_gran):
@@ -33,7 +34,7 @@ def test_backends_match_exact_accumulation(backend, x_gran, w_gran):
     xs = torch.rand(m, 1) * 0.1 + 0.01 if x_gran == "token" else torch.tensor(0.03)
     ws = torch.rand(n) * 0.1 + 0.01 if w_gran == "channel" else torch.tensor(0.02)
     bias = torch.randn(n)
-    prepared = K.prepare_int8(qw, backends=[backend] if backend != "ref" else [])
+    prepared = K.prepare_int8(qw, backends=[backend] if backend not in ("ref", "fp32") else [])
     y = K.int8_gemm(qx, xs, prepared, ws, bias, torch.float32, backend=backend)
     want = _exact(qx, qw) * xs.double().reshape(-1, 1) * ws.double().reshape(1, -1) + bias.double()
     assert y.dtype == torch.float32 and y.shape == (m, n)
@@ -41,11 +42,11 @@ def test_backends_match_exact_accumulation(backend, x_gran, w_gran):
     torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["int_mm", "onednn"])
+@pytest.mark.parametrize("backend", ["int_mm", ONEDNN, "fp32"])
 def test_m1_and_leading_dims_and_out_dtype(backend):
     qx, qw = _case(6, 64, 32, seed=1)
     ws = torch.rand(32) + 0.5
-    prepared = K.prepare_int8(qw, backends=[backend])
+    prepared = K.prepare_int8(qw, backends=[backend] if backend != "fp32" else [])
     for m in (1, 6):
         x3 = qx[:m].reshape(1, m, 64)
         xs = torch.rand(1, m, 1) + 0.5
@@ -55,11 +56,36 @@ def test_m1_and_leading_dims_and_out_dtype(backend):
         assert torch.equal(y.reshape(m, 32), ref)
 
 
+def test_fp32_backend_is_exact_where_float32_sums_would_round():
+    # every product +-127 * 127 with one sign per row: |acc| = 127^2 * 3000 > 2^24, which one float32
+    # GEMM over K would round; the slices of FP32_EXACT_K features keep it exact
+    k = 3000
+    qx = torch.full((3, k), 127, dtype=torch.int8)
+    qw = torch.full((4, k), 127, dtype=torch.int8)
+    qw[1::2] = -127
+    qx[1, ::7] = -127
+    assert torch.equal(K._run_fp32(qx, qw).double(), _exact(qx, qw))
+    one = torch.ones(())
+    y = K.int8_gemm(qx, one, K.prepare_int8(qw, backends=[]), one, backend="fp32")
+    assert torch.equal(y, K.int8_gemm_ref(qx, one, qw, one))
+
+
+def test_auto_picks_fp32_without_vnni_and_onednn_is_refused_there(monkeypatch):
+    _, qw = _case(4, 32, 16)
+    monkeypatch.delenv(K.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(K, "_has_vnni", lambda: False)
+    p = K.prepare_int8(qw)
+    assert "onednn_weight" not in p
+    assert K.select_int8_backend(p, m=1) == K.select_int8_backend(p, m=512) == "fp32"
+    with pytest.raises(SpecError, match="VNNI"):
+        K.prepare_int8(qw, backends=["onednn"])
+
+
 def test_auto_and_env_override(monkeypatch):
     _, qw = _case(4, 32, 16)
-    p = K.prepare_int8(qw, backends=["int_mm", "onednn"])
+    p = K.prepare_int8(qw, backends=["int_mm"] + (["onednn"] if K._has_vnni() else []))
     monkeypatch.delenv(K.BACKEND_ENV, raising=False)
-    assert K.select_int8_backend(p) in ("onednn", "int_mm")
+    assert K.select_int8_backend(p) in ("onednn", "int_mm", "fp32")
     monkeypatch.setenv(K.BACKEND_ENV, "ref")
     assert K.select_int8_backend(p) == "ref"
     monkeypatch.setenv(K.BACKEND_ENV, "onednn")

@@ -7,6 +7,7 @@ import torch
 
 from lowbit.errors import SpecError
 from lowbit.kernels import mixed_int8_matmul, mixed_int8_matmul_ref, outlier_columns, prepare_int8
+from tests.conftest import ONEDNN
 
 
 def _weight(n=40, k=64, seed=0):
@@ -30,7 +31,7 @@ def test_outlier_columns():
     assert outlier_columns(x, 1e6).numel() == 0
 
 
-@pytest.mark.parametrize("backend", ["ref", "int_mm", "onednn"])
+@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32"])
 def test_backends_match_reference(backend):
     qw, ws = _weight()
     x = _x()

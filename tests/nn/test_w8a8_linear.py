@@ -3,6 +3,8 @@ activation mode and backend, saving and reloading in lowbit's format bit for bit
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ import lowbit
 from lowbit import kernels
 from lowbit.errors import InvalidWeightsError, SpecError
 from lowbit.nn import QUANTIZED_MODULES, W8A8Linear
-from tests.conftest import tiny_model
+from tests.conftest import ONEDNN, tiny_model
 
 
 def _sqnr(ref, y):
@@ -43,7 +45,7 @@ def test_close_to_float_and_exact_against_reference(wg, act):
     torch.testing.assert_close(y.reshape(-1, 80), want, rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["ref", "int_mm", "onednn"])
+@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32"])
 def test_backends_agree(backend, monkeypatch):
     lin = _linear(bias=False)
     x = torch.randn(9, 96)
@@ -130,7 +132,7 @@ def test_copy_and_pickle_after_a_forward_on_every_backend():
     import io
 
     lin = torch.nn.Linear(64, 32)
-    for backend in ("onednn", "int_mm"):
+    for backend in ("onednn", "int_mm") if importlib.import_module("lowbit.kernels.int8_gemm")._has_vnni() else ("int_mm",):
         m = W8A8Linear.from_float(lin)
         m._runtime = kernels.prepare_int8(m.weight, backends=[backend])  # oneDNN's weight is an opaque tensor
         m._runtime_device = m.weight.device

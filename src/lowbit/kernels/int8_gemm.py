@@ -26,6 +26,11 @@ Backends, all exact in int32:
   for int8 activations (a 512x576x1536 GEMM took 13 s here, against 16 ms for uint8). The op takes
   one activation scale, so it runs with scale 1 and the activation scales (per token or per tensor)
   are applied to its fp32 output by the epilogue.
+- ``fp32``: float32 GEMMs over the codes, in slices of at most ``FP32_EXACT_K`` input features whose
+  sums float32 holds exactly (|acc| <= 127 * 127 * K < 2^24), added up in int32: exact too. For CPUs
+  without u8 x s8 dot products (AVX2 alone), where torch's ``_int_mm`` is a scalar loop about 20x
+  slower than a float32 GEMM and oneDNN's AVX2 int8 kernel saturates its 16-bit pair sums (15-20%
+  error on random codes): there the integer GEMM runs at float32 GEMM speed, no faster.
 
 ``prepare_int8`` builds what the backends need once from the canonical ``[N, K]`` int8 weight;
 ``int8_gemm`` picks one (explicit argument, then ``LOWBIT_INT8_BACKEND``, then ``auto``). ``auto``
@@ -68,7 +73,7 @@ __all__ = [
     "select_int8_backend",
 ]
 
-BACKENDS = ("ref", "int_mm", "onednn")
+BACKENDS = ("ref", "int_mm", "onednn", "fp32")
 BACKEND_ENV = "LOWBIT_INT8_BACKEND"  # force a backend (tests, benchmarks); "auto" or unset: dispatch
 QMAX = 127  # symmetric int8: -128 is left out so that -q is always representable
 # Floor of an activation scale: an all-zero row (padding, a dead channel group) must not divide by 0.
@@ -78,6 +83,9 @@ ACT_MODES = ("per_token", "per_tensor", "static")
 # Below this many tokens `auto` prefers torch._int_mm to oneDNN on CPUs without AMX (see the module
 # doc); with AMX oneDNN wins from one token (CPU_KERNELS.md: 0.92 against 1.76 ms at M=1).
 ONEDNN_MIN_M = 2
+# Input features per float32 slice of the fp32 backend: 127 * 127 * 1040 < 2^24, so each slice's sums
+# are exact integers in float32.
+FP32_EXACT_K = 1040
 _EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -271,6 +279,10 @@ def prepare_int8(qw: torch.Tensor, *, backends: str | Iterable[str] = "auto") ->
     if "onednn" in wanted:
         if qw.device.type != "cpu":
             raise SpecError("int8: the onednn backend runs on CPU tensors only")
+        if not _has_vnni():
+            # without u8 x s8 dot products oneDNN sums pairs of products in 16 bits, which saturate
+            raise SpecError("int8: the onednn backend needs a CPU with VNNI or AMX (its AVX2 kernel "
+                            "saturates); use 'fp32' or 'int_mm'")
         out["onednn_weight"] = torch.ops.onednn.qlinear_prepack(qw.contiguous(), None)
         out["onednn_zero_points"] = torch.zeros(qw.shape[0], dtype=torch.long)
     return out
@@ -279,7 +291,7 @@ def prepare_int8(qw: torch.Tensor, *, backends: str | Iterable[str] = "auto") ->
 def int8_available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
     have = ["ref"]
     if "int8_weight" in prepared and prepared["int8_weight"].device.type == "cpu":
-        have.append("int_mm")
+        have += ["int_mm", "fp32"]
     if "onednn_weight" in prepared:
         have.append("onednn")
     return tuple(have)
@@ -288,19 +300,32 @@ def int8_available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, 
 def select_int8_backend(prepared: Mapping[str, torch.Tensor], backend: str = "auto", m: int | None = None) -> str:
     """An explicit ``backend`` wins, then ``LOWBIT_INT8_BACKEND``, then ``auto``: oneDNN when its
     weight was prepared (VNNI/AMX) and there are at least ``ONEDNN_MIN_M`` tokens (``m``; None: many;
-    any number with AMX), else ``torch._int_mm``."""
+    any number with AMX), else the float32 GEMM over codes on CPUs without VNNI, else ``torch._int_mm``."""
     have = int8_available_backends(prepared)
     forced = forced_backend("int8", backend, BACKEND_ENV, BACKENDS, have)
     if forced is not None:
         return forced
     if "onednn" in have and (m is None or m >= (1 if _has_amx() else ONEDNN_MIN_M) or "int_mm" not in have):
         return "onednn"
+    if "fp32" in have and not _has_vnni():
+        return "fp32"
     return "int_mm" if "int_mm" in have else "ref"
 
 
 def act_offset(prepared: Mapping[str, torch.Tensor], m: int, backend: str = "auto") -> int:
     """The activation-code offset the backend chosen for ``m`` tokens reads: 128 (uint8) for oneDNN, else 0."""
     return 128 if select_int8_backend(prepared, backend, m) == "onednn" else 0
+
+
+def _run_fp32(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """int32 ``qx @ qw.T`` from float32 GEMMs over slices of K, each exact (see FP32_EXACT_K)."""
+    k = qw.shape[1]
+    acc = None
+    for k0 in range(0, k, FP32_EXACT_K):
+        k1 = min(k, k0 + FP32_EXACT_K)
+        part = torch.mm(qx[:, k0:k1].float(), qw[:, k0:k1].float().t())
+        acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
+    return acc
 
 
 def _run_onednn(qxu: torch.Tensor, prepared: Mapping[str, torch.Tensor], ws: torch.Tensor, n: int) -> torch.Tensor:
@@ -334,6 +359,8 @@ def int8_gemm(qx: torch.Tensor, x_scale, w_prepared: Mapping[str, torch.Tensor],
         xs2, ws = _check(qx2, xs, qw, w_scale)
         if name == "int_mm":
             y = _epilogue(torch._int_mm(_signed(qx2).contiguous(), qw.t()), xs2, ws, bias, out_dtype)
+        elif name == "fp32":
+            y = _epilogue(_run_fp32(_signed(qx2), qw), xs2, ws, bias, out_dtype)
         else:
             acc = _run_onednn(_unsigned(qx2).contiguous(), w_prepared, ws, n)
             y = _epilogue(acc, xs2, torch.ones((), dtype=torch.float32), bias, out_dtype)
