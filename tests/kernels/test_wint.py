@@ -21,6 +21,10 @@ from lowbit.kernels.wint import (
 
 BF16_TOL = 1e-2  # relative to the output norm, bf16 activations and bf16 weights/scales
 
+# torch packs int4 weights differently on AVX2-only CPUs: there prepare_wint keeps int8 codes instead
+KNOWN_LAYOUT = pytest.mark.skipif(not wint.int4pack_layout_known(),
+                                  reason="torch's int4pack layout on this CPU is not the one unpack_int4pack reads")
+
 
 def make_weight(n, k, bits, group_size, sym, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -249,6 +253,7 @@ def _record_runs(monkeypatch):
     return seen
 
 
+@KNOWN_LAYOUT
 def test_auto_without_extension_switches_int4pack_to_dequant(monkeypatch, no_ext):
     q, s, z = make_weight(64, 256, 4, 128, sym=False)
     p = prepare_wint(q, s, z, 4, 128)  # int4pack only: the dequant path unpacks nibbles (slow)
@@ -357,6 +362,7 @@ def test_int4pack_per_channel_large_k_uses_a_repeated_group():
     assert rel_err(y, wint_gemm_ref(x, q, s, z, 1536)) < BF16_TOL
 
 
+@KNOWN_LAYOUT
 @pytest.mark.parametrize("n", [16, 48, 64, 80, 112, 176])
 def test_unpack_int4pack_roundtrip(n):
     q = torch.randint(0, 16, (n, 96), dtype=torch.int32)

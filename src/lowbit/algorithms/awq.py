@@ -72,6 +72,7 @@ from torch import nn
 from ..calib.runner import call_block
 from ..calib.stats import add_product_
 from ..errors import SpecError
+from ..kernels import matmul_dtype
 from ..models import (ResolvedPair, fold_scales, get_module, linear_shape, linear_weight, resolve_scaling_pairs,
                       set_linear_weight, set_module)
 from ..models.adapter import text_config
@@ -682,7 +683,7 @@ class AWQ(Algorithm):
                     shared[n] = group[0]
         capture = [n for n in names if n not in shared]
         whole = None if full is None else {shared.get(n, n) for n in full}
-        stats_dtype = getattr(torch, self.stats_dtype)
+        stats_dtype = matmul_dtype(getattr(torch, self.stats_dtype), ctx.device)
         got: dict[str, InputStats] = {}
 
         self._raw = {n: [] for n in keep}
@@ -725,7 +726,8 @@ class AWQ(Algorithm):
         tick = time.perf_counter()
         feats = self.get_input_feat(ctx, list(linears), keep, full)
         tick = self._timed("input_feat", tick)
-        loss_dtype = getattr(torch, self.loss_dtype)
+        loss_dtype = matmul_dtype(getattr(torch, self.loss_dtype), ctx.device)
+        output_dtype = matmul_dtype(getattr(torch, self.output_dtype), ctx.device)
 
         for pair in pairs:
             if pair.kind == "act":
@@ -747,7 +749,7 @@ class AWQ(Algorithm):
                                               [ctx.kwargs(c) for c in ctx.chunks], self.output_tokens)
                 stride = self.grid_stride if self.objective == "output" and self.duo_scaling != "both" else 1
                 best, out_losses = search_best_scale_output(list(pair.linears), pair.inspect, xs, kwargs,
-                                                            cand[idx], self.spec, getattr(torch, self.output_dtype),
+                                                            cand[idx], self.spec, output_dtype,
                                                             coarse=stride)
                 s = cand[idx[best]]
                 losses = torch.full((cand.shape[0],), float("nan"))

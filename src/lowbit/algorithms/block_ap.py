@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +52,7 @@ from tqdm.auto import tqdm
 
 from ..calib.runner import call_block
 from ..errors import CalibrationError, SpecError
+from ..kernels import autocast
 from ..models import is_linear, set_module
 from ..nn import FakeQuantLinear, WQLinear
 from ..quant import QuantSpec
@@ -142,10 +142,6 @@ class BlockAP(Algorithm):
             mods[name] = fq
         return mods
 
-    def _autocast(self, device):
-        if self.settings.autocast in (None, "float32"):
-            return nullcontext()
-        return torch.autocast(device.type, dtype=getattr(torch, self.settings.autocast))
 
     def lr_factor(self, step: int, total: int) -> float:
         t = step / max(1, total - 1)
@@ -195,7 +191,7 @@ class BlockAP(Algorithm):
                         idx = order[start : start + c.batch_size]
                         for g in opt.param_groups:
                             g["lr"] = g["base_lr"] * self.lr_factor(step, total)
-                        with self._autocast(ctx.device):
+                        with autocast(self.settings.autocast, ctx.device):
                             out = call_block(ctx.block, x[idx].to(ctx.device), kwargs)
                         loss = F.mse_loss(out.float(), y[idx].to(ctx.device).float())
                         opt.zero_grad(set_to_none=True)

@@ -57,6 +57,7 @@ from torch import nn
 
 from ..calib.stats import add_product_
 from ..models import linear_weight, set_linear_weight, set_module
+from ..kernels import matmul_dtype
 from ..nn import WQLinear
 from ..nn.wq_linear import fp16_scale
 from ..quant import QuantSpec
@@ -90,8 +91,8 @@ class Hessian:
         self.sum = torch.zeros(in_features, in_features, device=device)
         self._triangle = False  # whether `sum` holds only its upper block triangle
         self.n = 0
-        self.dtype = dtype
-        self.cross_dtype = dtype if cross_dtype is None else cross_dtype
+        self.dtype = matmul_dtype(dtype, device)
+        self.cross_dtype = self.dtype if cross_dtype is None else matmul_dtype(cross_dtype, device)
         self.targets = targets
         self.cross = None if targets is None else torch.zeros(in_features, in_features, device=device)
 

@@ -74,7 +74,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +85,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, CheckpointError, LowbitError, SpecError
+from ..kernels import autocast
 from ..models import block_linears, get_adapter, get_blocks, is_linear, set_module, untied_state_dict
 from ..nn import FakeQuantLinear, W4A8Linear, WQLinear
 from ..quant import QuantSpec
@@ -335,9 +335,7 @@ class QATTrainer:
         return self.samples[idx]
 
     def _autocast(self):
-        if self.config.autocast in (None, "float32"):
-            return nullcontext()
-        return torch.autocast("cpu", dtype=getattr(torch, self.config.autocast))
+        return autocast(self.config.autocast, self.modules[next(iter(self.modules))].weight.device)
 
     def loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         c = self.config

@@ -29,7 +29,7 @@ Algorithms that need no data (RTN) run through the same loop with no inputs.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels import autocast
 from ..models import block_linears, get_blocks, get_module, move_embeddings
 
 
@@ -231,9 +232,7 @@ class BlockContext:
     _memo: dict | None = field(default=None, repr=False)
 
     def autocast(self):
-        if self.forward_dtype in (None, torch.float32):
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.forward_dtype)
+        return autocast(self.forward_dtype, self.device)
 
     @property
     def has_data(self) -> bool:

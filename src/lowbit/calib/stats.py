@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import matmul_dtype
+
 __all__ = ["ActStats", "add_product_", "collect_activation_stats"]
 
 
@@ -20,6 +22,8 @@ def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc directly; a bf16 one (about twice as fast on CPUs with bf16 dot products) accumulates in float32
     inside the kernel, but torch's CPU mm returns bf16, so each product is rounded once before the
     float32 sum."""
+    if a.dtype != torch.float32 and matmul_dtype(a.dtype, a.device) == torch.float32:
+        a, b = a.float(), b.float()  # no fast bf16 here: its scalar fallback runs 10-100x slower
     if a.dtype == torch.float32:
         acc.addmm_(a.t(), b)
     else:

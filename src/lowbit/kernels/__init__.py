@@ -1,5 +1,6 @@
 """Kernels: one function per operation, a plain-torch reference and fast backends behind one dispatcher."""
 
+from lowbit.kernels._dispatch import autocast, fast_bf16, matmul_dtype
 from lowbit.kernels.int8_gemm import (
     ACT_MODES as INT8_ACT_MODES,
     BACKEND_ENV as INT8_BACKEND_ENV,
@@ -27,6 +28,9 @@ from lowbit.kernels.wint import (
 )
 
 __all__ = [
+    "autocast",
+    "fast_bf16",
+    "matmul_dtype",
     "INT8_ACT_MODES",
     "INT8_BACKENDS",
     "INT8_BACKEND_ENV",

@@ -374,6 +374,10 @@ TORCH_LIBRARY(lowbit_wint, m) {
 
 def _selftest(ext) -> None:
     """The kernels assume torch's int4pack layout: check them against the aten op once."""
+    from lowbit.kernels.wint import int4pack_layout_known
+
+    if not int4pack_layout_known():
+        raise RuntimeError("torch packs int4 weights in another layout on this CPU (AVX2 alone)")
     g = torch.Generator().manual_seed(0)
     n, k, group = 80, 128, 32  # one 64-row block and a 16-row tail
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)

@@ -37,6 +37,7 @@ the ``*_MAX_M`` token counts (figures next to the constants).
 from __future__ import annotations
 
 
+import functools
 import threading
 from collections.abc import Iterable, Mapping
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import GroupSizeError, SpecError
 from lowbit.kernels import _wint_cpp
-from lowbit.kernels._dispatch import forced_backend
+from lowbit.kernels._dispatch import fast_bf16, forced_backend
 
 __all__ = [
     "BACKENDS",
@@ -204,6 +205,16 @@ def _int8_codes(q: torch.Tensor, zeros_full: torch.Tensor, scales: torch.Tensor,
     if d.min() >= -128 and d.max() <= 127:
         return d.to(torch.int8), None
     return (q.to(torch.int16) - 128).to(torch.int8), (128.0 - zeros.float()) * scales.float()
+
+
+@functools.lru_cache(maxsize=1)
+def int4pack_layout_known() -> bool:
+    """Whether this CPU's torch packs int4 weights in the layout ``unpack_int4pack`` reads (the
+    AVX512 one; torch packs differently on AVX2-only CPUs, where the dequant path keeps int8 codes
+    and the C++ kernels fail their self-test)."""
+    q = torch.arange(64 * 32, dtype=torch.int32).reshape(64, 32) % 16
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return torch.equal(unpack_int4pack(packed, 64, 32), q.to(torch.uint8))
 
 
 def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -430,16 +441,16 @@ def _run_int8pack(x2, p, bias):
 _WORKSPACE = threading.local()
 
 
-def _workspace(numel: int) -> torch.Tensor:
-    """A reused bf16 buffer of at least numel elements (per thread). A fresh tensor of tens of MB
+def _workspace(numel: int, dtype: torch.dtype = _BF16) -> torch.Tensor:
+    """A reused buffer of at least numel elements of `dtype` (per thread). A fresh tensor of tens of MB
     per call costs more in page faults than the dequantization itself; keeping one sized for the
     largest layer seen costs that layer's bf16 size once, not per layer."""
     buf = getattr(_WORKSPACE, "buf", None)
-    if buf is None or buf.numel() < numel:
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
         # a normal tensor even when first needed under inference_mode, so later calls outside it
         # may still write into it
         with torch.inference_mode(False):
-            buf = _WORKSPACE.buf = torch.empty(numel, dtype=_BF16)
+            buf = _WORKSPACE.buf = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
@@ -449,11 +460,11 @@ def _chunk_rows(k: int, align: int) -> int:
 
 
 def _chunked_codes_linear(xb, codes, fill=None):
-    """bf16 [M, N] = x @ W^T, W made from int8 codes [N, K] one L2-sized chunk of rows at a time in
-    one reused bf16 buffer; `fill(w, n0, n1)` turns a chunk of codes into weights in place."""
+    """[M, N] = x @ W^T in xb's dtype, W made from int8 codes [N, K] one L2-sized chunk of rows at a
+    time in one reused buffer; `fill(w, n0, n1)` turns a chunk of codes into weights in place."""
     n, k = codes.shape
     rows = min(n, _chunk_rows(k, 16))
-    buf = torch.empty(rows, k, dtype=_BF16)
+    buf = torch.empty(rows, k, dtype=xb.dtype)
     outs = []
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
@@ -466,7 +477,7 @@ def _chunked_codes_linear(xb, codes, fill=None):
 
 
 def _dequant_linear_codes(xb, codes, scales, offset):
-    """bf16 [M, N] from int8 codes [N, K] and bf16 scales (+ offsets) [N, K // G]."""
+    """[M, N] in xb's dtype from int8 codes [N, K] and bf16 scales (+ offsets) [N, K // G]."""
     k = codes.shape[1]
     ng = scales.shape[1]
 
@@ -505,10 +516,11 @@ def _panel_blocking(k: int, g: int, nblk: int) -> tuple[int, int]:
 
 
 def _dequant_linear_int4pack(xb, packed, sz, n):
-    """[M, N] from int4pack nibbles: bf16, dequantized per chunk as W^T [K, rows] (no extra memory),
-    or float32 from the C++ panel GEMM for PANELS_MIN_M tokens and more.
+    """[M, N] from int4pack nibbles: in xb's dtype, dequantized per chunk as W^T [K, rows] (no extra
+    memory), or float32 from the C++ panel GEMM for PANELS_MIN_M tokens and more.
 
-    With the C++ extension one pass per chunk; without it, torch ops (about 4x the codes path).
+    With the C++ extension (bf16 only) one pass per chunk; without it, torch ops (about 4x the codes
+    path).
     """
     k = packed.shape[1] * 2
     ng = sz.shape[0]
@@ -517,7 +529,7 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
     nfull = n // 64 * 64
     nblk = nfull // 64
     outs = []
-    ext = _wint_cpp.load()
+    ext = _wint_cpp.load() if xb.dtype == _BF16 else None
     if nblk and ext is not None and xb.shape[0] >= PANELS_MIN_M and g % 2 == 0 and ext.has_avx512bf16():
         outs.append(ext.int4pack_gemm_panels(xb.contiguous(), packed, sz, g, *_panel_blocking(k, g, nblk)))
         nblk = 0
@@ -526,7 +538,7 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
         if xb.shape[0] >= DEQUANT_WHOLE_MIN_M:
             # prefill: one GEMM over the whole transient bf16 weight beats many thin ones
             nb = nblk
-        wflat = _workspace(k * nb * 64)
+        wflat = _workspace(k * nb * 64, xb.dtype)
         if ext is None:
             pb = flat[: nfull * k // 2].view(nblk, k, 32)
             u = torch.empty(k, nb, 2, 32, dtype=torch.uint8)
@@ -542,7 +554,7 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
                 torch.bitwise_and(src, 15, out=uu[:, :, 0])  # rows 64b + j
                 torch.bitwise_right_shift(src, 4, out=uu[:, :, 1])  # rows 64b + 32 + j
                 wt.copy_(uu.reshape(k, cb * 64))
-                s, c = _int4pack_scale_offset(sz, slice(b0 * 64, b1 * 64))
+                s, c = _int4pack_scale_offset(sz, slice(b0 * 64, b1 * 64), xb.dtype)
                 wt.view(ng, g, cb * 64).mul_(s).add_(c)
             outs.append(xb @ wt)
     if n > nfull:  # tail of 16/32/48 rows: [K, tail // 2] bytes, low nibble even row
@@ -560,7 +572,9 @@ def _dequant_linear_int4pack(xb, packed, sz, n):
 
 
 def _run_dequant(x2, p, bias, n):
-    xb = x2.to(_BF16)
+    # bf16 GEMMs where the CPU runs them in vector units; float32 elsewhere (AVX2-only CPUs, where
+    # torch's bf16 GEMM is a scalar loop 8-10x slower than float32)
+    xb = x2.to(_BF16 if fast_bf16(x2.device) else torch.float32)
     src = _dequant_source(p)
     # per-channel scales: on the output (one pass fewer over the weight) unless the output is
     # the larger of the two (M > K / 2)
@@ -577,7 +591,7 @@ def _run_dequant(x2, p, bias, n):
             y = _codes_linear_per_channel(xb, p["int8pack_weight"], sc, off)
         else:
             y = _dequant_linear_codes(xb, p["int8pack_weight"], sc[:, None],
-                                      None if off is None else off[:, None].to(_BF16))
+                                      None if off is None else off[:, None].to(xb.dtype))
     else:
         y = _dequant_linear_int4pack(xb, p["int4pack_weight"], p["int4pack_scales_zeros"], n)
     y = y.to(x2.dtype)
