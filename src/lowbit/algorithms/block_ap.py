@@ -142,7 +142,6 @@ class BlockAP(Algorithm):
             mods[name] = fq
         return mods
 
-
     def lr_factor(self, step: int, total: int) -> float:
         t = step / max(1, total - 1)
         r = self.settings.min_lr_ratio

@@ -56,8 +56,8 @@ import torch
 from torch import nn
 
 from ..calib.stats import add_product_
-from ..models import linear_weight, set_linear_weight, set_module
 from ..kernels import matmul_dtype
+from ..models import linear_weight, set_linear_weight, set_module
 from ..nn import WQLinear
 from ..nn.wq_linear import fp16_scale
 from ..quant import QuantSpec
