@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.errors import GroupSizeError, SpecError
-from lowbit.kernels import _wint_cpp, wint
+from lowbit.kernels import _nib_cpp, _wint_cpp, wint
 from lowbit.kernels.wint import (
     BACKEND_ENV,
     INT4CPP_MAX_M,
@@ -326,7 +326,7 @@ def test_unknown_backend_is_refused():
 def test_group_size_16_falls_back_to_dequant():
     q, s, z = make_weight(64, 128, 4, 16, sym=False)
     p = prepare_wint(q, s, z, 4, 16)
-    assert available_backends(p) == ("dequant",)
+    assert [b for b in available_backends(p) if b != "nib"] == ["dequant"]  # nib (AVX2 CPUs) takes any group
     for name in ("int4pack", "int4cpp"):
         with pytest.raises(SpecError, match=f"{name} cannot run"):
             prepare_wint(q, s, z, 4, 16, backends=(name,))
@@ -337,7 +337,8 @@ def test_group_size_16_falls_back_to_dequant():
 def test_out_features_not_multiple_of_16_falls_back_to_dequant():
     q, s, z = make_weight(40, 64, 4, 32, sym=False)
     p = prepare_wint(q, s, z, 4, 32)
-    assert available_backends(p) == ("dequant",)
+    # (nib, on AVX2 CPUs, has no such limit)
+    assert [b for b in available_backends(p) if b != "nib"] == ["dequant"]
     x = torch.randn(2, 64)
     assert rel_err(wint_gemm(x, p, out_features=40), wint_gemm_ref(x, q, s, z, 32)) < BF16_TOL
 
@@ -425,6 +426,7 @@ def test_int4cpp_matches_reference_for_every_row_tile(n, k, group):
 
 
 def test_extension_build_failure_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv(_nib_cpp.EXT_ENV, "0")  # the int4pack fallback itself, not the AVX2 kernel
     monkeypatch.setattr(_wint_cpp.EXT, "failed", False)
     monkeypatch.setattr(_wint_cpp.EXT, "_load", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
     with pytest.warns(RuntimeWarning, match="C\\+\\+ wint kernels unavailable"):
@@ -494,3 +496,51 @@ def test_dequant_workspace_first_made_under_inference_mode_serves_normal_calls(e
         a = wint_gemm(x, p, out_features=128, backend="dequant")
     b = wint_gemm(x, p, out_features=128, backend="dequant")
     torch.testing.assert_close(a, b)
+
+
+# ---- nib: the AVX2 kernel on lowbit's own nibble layout ---------------------------------------------
+
+def has_nib() -> bool:
+    return _nib_cpp.load() is not None
+
+
+def test_nibble_packing_roundtrips():
+    q = torch.randint(0, 16, (7, 64), dtype=torch.int64)
+    packed = _nib_cpp.pack_nibbles(q)
+    assert packed.shape == (7, 32) and packed.dtype == torch.uint8
+    assert torch.equal(_nib_cpp.unpack_nibbles(packed), q.to(torch.uint8))
+    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 64, False), (3, 32, False), (2, 96, True), (4, 24, False),
+                                                 (4, -1, True)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_nib_matches_reference(bits, group_size, sym, m):
+    if not has_nib():
+        pytest.skip("C++ nib kernel unavailable (no compiler?)")
+    n, k = 48, 192
+    g = k if group_size == -1 else group_size
+    q, s, z = make_weight(n, k, bits, g, sym, seed=bits + m)
+    p = prepare_wint(q, s, z, bits, g, backends=("nib",))
+    x, bias = torch.randn(2, m, k), torch.randn(n)
+    y = wint_gemm(x, p, out_features=n, bias=bias, backend="nib")
+    ref = wint_gemm_ref(x.reshape(-1, k), q, s, z, g, bias).reshape(2, m, n)
+    # float32 activations, float32 scales: only the summation order differs from the reference
+    assert y.shape == (2, m, n) and rel_err(y, ref) < 1e-5
+
+
+def test_auto_prepares_nib_where_torch_int4pack_layout_is_unknown(monkeypatch):
+    if not has_nib():
+        pytest.skip("C++ nib kernel unavailable (no compiler?)")
+    monkeypatch.setattr(wint, "int4pack_layout_known", lambda: False)
+    q, s, z = make_weight(64, 256, 4, 64, sym=False)
+    p = prepare_wint(q, s, z, 4, 64)
+    assert available_backends(p)[-2:] == ("nib", "dequant")
+    assert select_backend(1, p) == select_backend(wint.NIB_MAX_M, p) == "nib"
+    assert select_backend(wint.NIB_MAX_M + 1, p) in ("int4pack", "dequant")
+    for m in (1, wint.NIB_MAX_M + 1):
+        x = torch.randn(m, 256)
+        assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 64)) < BF16_TOL
+    q6, s6, z6 = make_weight(16, 64, 6, 64, sym=False)
+    with pytest.raises(SpecError, match="nib cannot run"):
+        prepare_wint(q6, s6, z6, 6, 64, backends=("nib",))

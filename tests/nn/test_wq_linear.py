@@ -64,7 +64,8 @@ def test_three_dim_inputs_keep_their_shape():
     w, b, m = make(SPECS[0])
     x = torch.randn(2, 5, w.shape[1])
     assert m(x).shape == (2, 5, w.shape[0])
-    torch.testing.assert_close(m(x)[1, 2], m(x[1, 2:3])[0], rtol=2e-2, atol=2e-2)
+    # the same token count runs the same backend: bit for bit
+    assert torch.equal(m(x).reshape(10, -1), m(x.reshape(10, -1)))
 
 
 def test_storage_bits_counts_codes_scales_and_zeros():

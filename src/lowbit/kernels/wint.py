@@ -23,6 +23,10 @@ Backends (all but ``ref`` compute with bf16 activations and fp32 accumulation):
   stored as ``q - zeros`` when that fits int8, else as ``q - 128`` with the asymmetric part
   added back exactly as a rank-1 term ``x.sum(-1) * (128 - zeros) * scales``. Needs
   K % 16 == 0 (torch 2.13 reads out of bounds otherwise).
+- ``nib``: our C++ kernel for CPUs without AVX512 (``_nib_cpp``, AVX2 + FMA) on lowbit's own nibble
+  layout (0.5 byte/weight, float32 scales and offsets), float32 activations; for a few tokens.
+  ``auto`` adds it where torch's int4pack layout is not the AVX512 one (AVX2 CPUs: there the aten
+  op is 2-3x slower and the int4cpp kernels do not run) and runs it up to ``NIB_MAX_M`` tokens.
 - ``dequant``: dequantize N-chunks of the weight to bf16 and run a bf16 GEMM per chunk (chunks
   stay in cache and reuse one buffer). Reads whichever compact form was prepared: int8 codes
   ``q - zeros`` (1 byte/weight, the fastest with torch ops alone), the int8pack weight, or the
@@ -45,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import GroupSizeError, SpecError
-from lowbit.kernels import _wint_cpp
+from lowbit.kernels import _nib_cpp, _wint_cpp
 from lowbit.kernels._dispatch import fast_bf16, forced_backend
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "INT4CPP_MAX_M",
     "INT4PACK_MAX_M_NIBBLES",
     "INT8PACK_MAX_M",
+    "NIB_MAX_M",
     "wint_gemm_ref",
     "prepare_wint",
     "select_backend",
@@ -64,7 +69,7 @@ __all__ = [
     "wint_gemm",
 ]
 
-BACKENDS = ("ref", "int4pack", "int4cpp", "int8pack", "dequant")
+BACKENDS = ("ref", "int4pack", "int4cpp", "int8pack", "nib", "dequant")
 BACKEND_ENV = "LOWBIT_WINT_BACKEND"  # force a backend (tests, benchmarks); "auto" or unset: dispatch
 
 # THRESHOLDS: largest token count M (rows of x) for which ``auto`` runs the weight-only kernel;
@@ -102,6 +107,9 @@ INT4CPP_MAX_M = 32
 INT4PACK_MAX_M = 32
 INT4PACK_MAX_M_NIBBLES = 96
 INT8PACK_MAX_M = 8
+# nib (AVX2 CPUs) against float32 F.linear, 1 thread, on a loaded 2-core AMD EPYC (AVX2 only), g64:
+# 4096x4096 M=1 5.8 / 13.5 ms, M=8 28 / 69, M=16 52 / 68, M=32 95 / 90 (the dequant path: float32)
+NIB_MAX_M = 8
 
 # int4pack group sizes accepted by aten._weight_int4pack_mm_for_cpu (torch 2.13).
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
@@ -286,6 +294,17 @@ def prepare_wint(
         out["ref_scales"] = scales_f.clone()
         out["ref_zeros"] = zeros_f.clone()
 
+    # nib (AVX2 CPUs) --------------------------------------------------------------------
+    why_nib = None if bits <= 4 and k % 2 == 0 else f"{bits} bits, {k} input features (needs <= 4 bits, even K)"
+    if "nib" in wanted and why_nib:
+        raise SpecError(f"wint: nib cannot run this weight: {why_nib}")
+    use_nib = "nib" in wanted or (auto and why_nib is None and not int4pack_layout_known()
+                                  and _nib_cpp.load() is not None)
+    if use_nib:
+        out["nib_weight"] = _nib_cpp.pack_nibbles(q)  # [N, K // 2] uint8, even k in the low nibble
+        out["nib_scales"] = scales_f.contiguous()  # [N, K // G] float32
+        out["nib_offset"] = (-zeros_f * scales_f).contiguous()  # [N, K // G]: W = q * scale + offset
+
     # int4pack -------------------------------------------------------------------------
     why4 = _int4pack_refusal(n, k, bits, group_size)
     for name in ("int4pack", "int4cpp"):
@@ -350,6 +369,8 @@ def available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
             have.append("int4cpp")
     if "int8pack_weight" in prepared:
         have.append("int8pack")
+    if "nib_weight" in prepared and _nib_cpp.load() is not None:
+        have.append("nib")
     if _dequant_source(prepared) is not None:
         have.append("dequant")
     return tuple(have)
@@ -357,7 +378,8 @@ def available_backends(prepared: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
 
 def prepared_shape(prepared: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     """(out_features, in_features) of a ``prepare_wint`` result."""
-    for key, k_mult in (("ref_q", 1), ("dequant_codes", 1), ("int8pack_weight", 1), ("int4pack_weight", 2)):
+    for key, k_mult in (("ref_q", 1), ("dequant_codes", 1), ("int8pack_weight", 1), ("int4pack_weight", 2),
+                        ("nib_weight", 2)):
         if key in prepared:
             w = prepared[key]
             return w.shape[0], w.shape[1] * k_mult
@@ -386,6 +408,8 @@ def select_backend(m: int, prepared: Mapping[str, torch.Tensor], backend: str = 
     forced = forced_backend("wint", backend, BACKEND_ENV, BACKENDS, have)
     if forced is not None:
         return forced
+    if "nib" in have and m <= NIB_MAX_M:
+        return "nib"
     if "int4cpp" in have and m <= INT4CPP_MAX_M:
         return "int4cpp"
     if "int4pack" in have:
@@ -419,6 +443,15 @@ def _run_int4cpp(x2, p, bias):
     w, sz = p["int4pack_weight"], p["int4pack_scales_zeros"]
     g = 2 * w.shape[1] // sz.shape[0]
     y = ext.int4pack_gemm(x2.to(_BF16).contiguous(), w, sz, g)  # fp32 [M, N]
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x2.dtype)
+
+
+def _run_nib(x2, p, bias):
+    sc = p["nib_scales"]
+    g = 2 * p["nib_weight"].shape[1] // sc.shape[1]
+    y = _nib_cpp.load().nib_gemm(x2.float().contiguous(), p["nib_weight"], sc, p["nib_offset"], g)
     if bias is not None:
         y.add_(bias.float())
     return y.to(x2.dtype)
@@ -630,6 +663,8 @@ def wint_gemm(
         y = _run_int4cpp(x2, prepared, bias)
     elif name == "int8pack":
         y = _run_int8pack(x2, prepared, bias)
+    elif name == "nib":
+        y = _run_nib(x2, prepared, bias)
     else:
         y = _run_dequant(x2, prepared, bias, n)
     return y.reshape(*lead, n)
