@@ -54,6 +54,7 @@ def weight_bytes(prepared: dict[str, torch.Tensor], backend: str) -> int:
         "int4pack": ("int4pack_weight", "int4pack_scales_zeros"),
         "int4cpp": ("int4pack_weight", "int4pack_scales_zeros"),
         "int8pack": ("int8pack_weight", "int8pack_scales", "int8pack_offset"),
+        "nib": ("nib_weight", "nib_scales", "nib_offset"),
         "dequant": ("dequant_codes", "dequant_scales", "dequant_offset"),
         "ref": ("ref_q", "ref_scales", "ref_zeros"),
     }[backend]

@@ -509,7 +509,7 @@ def test_nibble_packing_roundtrips():
     packed = _nib_cpp.pack_nibbles(q)
     assert packed.shape == (7, 32) and packed.dtype == torch.uint8
     assert torch.equal(_nib_cpp.unpack_nibbles(packed), q.to(torch.uint8))
-    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
+    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 16]) << 4)  # codes i and i + 16 of each 32
 
 
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 64, False), (3, 32, False), (2, 96, True), (4, 24, False),
@@ -525,8 +525,8 @@ def test_nib_matches_reference(bits, group_size, sym, m):
     x, bias = torch.randn(2, m, k), torch.randn(n)
     y = wint_gemm(x, p, out_features=n, bias=bias, backend="nib")
     ref = wint_gemm_ref(x.reshape(-1, k), q, s, z, g, bias).reshape(2, m, n)
-    # float32 activations, float32 scales: only the summation order differs from the reference
-    assert y.shape == (2, m, n) and rel_err(y, ref) < 1e-5
+    # int16 activations (2^-16 of each token's absmax), float32 scales: far inside bf16's error
+    assert y.shape == (2, m, n) and rel_err(y, ref) < 1e-4
 
 
 def test_auto_prepares_nib_where_torch_int4pack_layout_is_unknown(monkeypatch):

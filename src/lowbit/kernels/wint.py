@@ -24,7 +24,8 @@ Backends (all but ``ref`` compute with bf16 activations and fp32 accumulation):
   added back exactly as a rank-1 term ``x.sum(-1) * (128 - zeros) * scales``. Needs
   K % 16 == 0 (torch 2.13 reads out of bounds otherwise).
 - ``nib``: our C++ kernel for CPUs without AVX512 (``_nib_cpp``, AVX2 + FMA) on lowbit's own nibble
-  layout (0.5 byte/weight, float32 scales and offsets), float32 activations; for a few tokens.
+  layout (0.5 byte/weight, float32 scales and offsets), activations rounded to int16 per token; for a
+  few tokens.
   ``auto`` adds it where torch's int4pack layout is not the AVX512 one (AVX2 CPUs: there the aten
   op is 2-3x slower and the int4cpp kernels do not run) and runs it up to ``NIB_MAX_M`` tokens.
 - ``dequant``: dequantize N-chunks of the weight to bf16 and run a bf16 GEMM per chunk (chunks
@@ -295,13 +296,15 @@ def prepare_wint(
         out["ref_zeros"] = zeros_f.clone()
 
     # nib (AVX2 CPUs) --------------------------------------------------------------------
-    why_nib = None if bits <= 4 and k % 2 == 0 else f"{bits} bits, {k} input features (needs <= 4 bits, even K)"
+    why_nib = (None if bits <= 4 and k % 32 == 0 and group_size <= 4096 else
+               f"{bits} bits, {k} input features, groups of {group_size} (needs <= 4 bits, K a multiple of 32, "
+               f"groups of at most 4096)")
     if "nib" in wanted and why_nib:
         raise SpecError(f"wint: nib cannot run this weight: {why_nib}")
     use_nib = "nib" in wanted or (auto and why_nib is None and not int4pack_layout_known()
                                   and _nib_cpp.load() is not None)
     if use_nib:
-        out["nib_weight"] = _nib_cpp.pack_nibbles(q)  # [N, K // 2] uint8, even k in the low nibble
+        out["nib_weight"] = _nib_cpp.pack_nibbles(q)  # [N, K // 2] uint8 (see pack_nibbles)
         out["nib_scales"] = scales_f.contiguous()  # [N, K // G] float32
         out["nib_offset"] = (-zeros_f * scales_f).contiguous()  # [N, K // G]: W = q * scale + offset
 
