@@ -331,7 +331,8 @@ def prepare_wint(
         out["int4pack_weight"] = packed  # [N, K // 2] uint8, torch's private layout
         out["int4pack_scales_zeros"] = sz  # [K // g, N, 2] bf16
         # the dequant path can read the nibbles back if torch's layout is the one we know
-        int4_dequant_ok = torch.equal(unpack_int4pack(packed, n, k), q4.to(torch.uint8))
+        # (on CPUs whose layout the probe already found foreign, skip unpacking every layer to learn it again)
+        int4_dequant_ok = int4pack_layout_known() and torch.equal(unpack_int4pack(packed, n, k), q4.to(torch.uint8))
 
     # int8 codes (int8pack weight and/or dequant codes) --------------------------------
     why8 = _int8pack_refusal(n, k, bits, group_size)
