@@ -73,6 +73,7 @@ from ..calib.runner import call_block
 from ..calib.stats import add_product_
 from ..errors import SpecError
 from ..kernels import matmul_dtype
+from ..kernels.fake_quant import fake_quant_clamped, fake_quant_scaled
 from ..models import (ResolvedPair, fold_scales, get_module, linear_shape, linear_weight, resolve_scaling_pairs,
                       set_linear_weight, set_module)
 from ..models.adapter import text_config
@@ -88,6 +89,15 @@ log = logging.getLogger(__name__)
 # Elements of float32 work buffer one grid chunk may use (128 MiB): bounds memory on 7B-sized layers
 # while keeping the per-chunk GEMM large enough to run at full speed on small ones.
 _CHUNK_ELEMS = 32 * 2**20
+# The same where the rounding runs in the fake_quant kernel: chunks that stay in the CPU's caches
+# between the rounding and the products that read them (16 MiB; one candidate at least).
+_FQ_CHUNK_ELEMS = 4 * 2**20
+
+
+def _fq_args(spec: QuantSpec):
+    """(qmin, qmax, symmetric) for kernels.fake_quant, or None where the spec is not a uniform grid
+    (codebooks: the torch path)."""
+    return None if spec.is_codebook else (spec.qmin, spec.qmax, spec.symmetric)
 
 
 def _group_spec(spec: QuantSpec, in_features: int) -> QuantSpec:
@@ -323,12 +333,16 @@ def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: Quan
     factor = (L if L is not None else gram).to(loss_dtype)
 
     losses = torch.empty(n_grid)
-    k = max(1, min(n_grid, _CHUNK_ELEMS // w.numel()))
+    fq = _fq_args(spec)
+    k = max(1, min(n_grid, (_CHUNK_ELEMS if fq is None else _FQ_CHUNK_ELEMS) // w.numel()))
     buf = torch.empty(k, out_f, in_f, device=w.device)
     for start in range(0, n_grid, k):
         s = s_all[start : start + k, None, :]  # [kk, 1, in]
-        d = torch.mul(w, s, out=buf[: s.shape[0]])
-        _pseudo_quantize_(d, spec, gs).div_(s).sub_(w)
+        if fq is not None:
+            d = fake_quant_scaled(w, s[:, 0], gs, *fq, subtract=True, out=buf)
+        else:
+            d = torch.mul(w, s, out=buf[: s.shape[0]])
+            _pseudo_quantize_(d, spec, gs).div_(s).sub_(w)
         dd = d.to(loss_dtype)
         losses[start : start + s.shape[0]] = (output_error_tri(dd, factor) if L is not None
                                               else output_error(dd, factor)).cpu()
@@ -428,12 +442,17 @@ class _ModuleObjective:
         """Output MSE `[k]` of the linears rounded at each candidate scale `[k, in]`."""
         out_f, in_f = self.w.shape
         losses = torch.full((candidates.shape[0],), float("inf"))
-        k = max(1, min(candidates.shape[0], _CHUNK_ELEMS // self.w.numel()))
+        fq = _fq_args(self.spec)
+        # one candidate at a time where the kernel rounds: its weights are still in cache for the forward
+        k = 1 if fq is not None else max(1, min(candidates.shape[0], _CHUNK_ELEMS // self.w.numel()))
         buf = torch.empty(k, out_f, in_f, device=self.w.device)
         for start in range(0, candidates.shape[0], k):
             s = candidates[start : start + k, None, :]
-            wq = torch.mul(self.w, s, out=buf[: s.shape[0]])
-            _pseudo_quantize_(wq, self.spec, self.gs).div_(s)
+            if fq is not None:
+                wq = fake_quant_scaled(self.w, s[:, 0], self.gs, *fq, out=buf)
+            else:
+                wq = torch.mul(self.w, s, out=buf[: s.shape[0]])
+                _pseudo_quantize_(wq, self.spec, self.gs).div_(s)
             for j in range(s.shape[0]):
                 for m, part in zip(self.linears, wq[j].split(self.rows)):
                     set_linear_weight(m, part)
@@ -540,8 +559,10 @@ def search_best_clip(w: torch.Tensor, stats: InputStats, spec: QuantSpec, *, cli
     wg = w.detach().float().reshape(out_f, ng, gs).transpose(0, 1).contiguous().unsqueeze(1)  # [ng, 1, out, gs]
     lo, hi = _clip_bounds(wg, mode)  # [ng, 1, out, 1]
     wmin, wmax = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
-    k = max(1, min(n_ratio, _CHUNK_ELEMS // w.numel()))
+    fq = _fq_args(spec)
+    k = max(1, min(n_ratio, (_CHUNK_ELEMS if fq is None else _FQ_CHUNK_ELEMS) // w.numel()))
     flat = torch.empty(k * w.numel(), device=w.device)
+    w3 = wg[:, 0]  # [ng, out, gs]
 
     def best(lo_r: torch.Tensor | None, hi_r: torch.Tensor | None) -> torch.Tensor:
         """The best ratio per group `[out, ng]` for the side(s) whose fixed ratio `[out, ng]` is None."""
@@ -553,11 +574,15 @@ def search_best_clip(w: torch.Tensor, stats: InputStats, spec: QuantSpec, *, cli
             lo_b = lo * (r4 if lo_r is None else lo_r.t().reshape(ng, 1, out_f, 1))
             hi_b = hi * (r4 if hi_r is None else hi_r.t().reshape(ng, 1, out_f, 1))
             lo_b, hi_b = lo_b.expand(ng, kk, out_f, 1), hi_b.expand(ng, kk, out_f, 1)
-            d = flat[: kk * w.numel()].view(ng, kk, out_f, gs)
-            torch.clamp(wg, min=lo_b, max=hi_b, out=d)
-            # the clamped group's min and max, known without a pass over it
-            _pseudo_quantize_(d, spec, gs, torch.maximum(wmin, lo_b)[..., None], torch.minimum(wmax, hi_b)[..., None])
-            d.sub_(wg)
+            if fq is not None:
+                d = fake_quant_clamped(w3, lo_b[..., 0], hi_b[..., 0], *fq, out=flat)
+            else:
+                d = flat[: kk * w.numel()].view(ng, kk, out_f, gs)
+                torch.clamp(wg, min=lo_b, max=hi_b, out=d)
+                # the clamped group's min and max, known without a pass over it
+                _pseudo_quantize_(d, spec, gs, torch.maximum(wmin, lo_b)[..., None],
+                                  torch.minimum(wmax, hi_b)[..., None])
+                d.sub_(wg)
             dg = d.view(ng, kk * out_f, gs)
             e = torch.bmm(dg, blocks).mul_(dg).sum(-1)  # [ng, kk*out]
             errs[start : start + kk] = e.view(ng, kk, out_f).permute(1, 2, 0)
