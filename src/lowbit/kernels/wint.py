@@ -109,8 +109,9 @@ INT4PACK_MAX_M = 32
 INT4PACK_MAX_M_NIBBLES = 96
 INT8PACK_MAX_M = 8
 # nib (AVX2 CPUs) against float32 F.linear, g64, 1 thread, process CPU time, 2-core AMD EPYC with AVX2
-# alone (bench/out/kernels_avx2_s16.json): 4096x4096 M=1 2.11 / 5.54 ms, M=8 9.02 / 30.2; 4096x11008
-# M=1 4.06 / 13.4, M=8 17.0 / 68.0. Beyond 8 tokens it was not timed against the dequant path.
+# alone: 4096x4096 M=1 0.87 / 3.82 ms, 4096x11008 M=1 2.90 / 11.15 (bench/out/kernels_avx2_s17.json);
+# the previous version of the kernel at M=8: 9.02 / 30.2 and 17.0 / 68.0 (kernels_avx2_s16.json).
+# Beyond 8 tokens it was not timed against the dequant path.
 NIB_MAX_M = 8
 
 # int4pack group sizes accepted by aten._weight_int4pack_mm_for_cpu (torch 2.13).
