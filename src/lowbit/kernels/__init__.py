@@ -1,6 +1,7 @@
 """Kernels: one function per operation, a plain-torch reference and fast backends behind one dispatcher."""
 
 from lowbit.kernels._dispatch import autocast, fast_bf16, matmul_dtype
+from lowbit.kernels.fake_quant import fake_quant_clamped, fake_quant_scaled
 from lowbit.kernels.int8_gemm import (
     ACT_MODES as INT8_ACT_MODES,
     BACKEND_ENV as INT8_BACKEND_ENV,
@@ -29,6 +30,8 @@ from lowbit.kernels.wint import (
 
 __all__ = [
     "autocast",
+    "fake_quant_clamped",
+    "fake_quant_scaled",
     "fast_bf16",
     "matmul_dtype",
     "INT8_ACT_MODES",
