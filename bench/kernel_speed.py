@@ -202,7 +202,7 @@ def tables(rows: list[dict], info: dict) -> str:
     """The Markdown tables: ms per call at every M, then for M=1 (decode) the GB/s of weight bytes and
     the fraction of the read bandwidth measured in the same run that this reaches."""
     out = []
-    cols = [f"{label}/{b}" for label, _, _, _ in CONFIGS for b in ("int4pack", "int4cpp", "int8pack", "dequant")
+    cols = [f"{label}/{b}" for label, _, _, _ in CONFIGS for b in ("int4pack", "int4cpp", "int8pack", "nib", "dequant")
             if any(f"{label}/{b}" in r["ms"] for r in rows)]
     out.append("\n### ms per call (speedup vs fp32 / vs bf16); * = what `auto` picks\n")
     out.append("| K x N | M | fp32 | bf16 | " + " | ".join(cols) + " |")
