@@ -32,7 +32,7 @@ def awq_recipe(bits=4, group_size=32, **step):
 
 def test_awq_is_registered_and_recipes_load():
     assert ALGORITHMS["awq"] is AWQ
-    for name, bits, propagate in (("w4a16-awq", 4, "quantized"), ("w3a16-awq", 3, "float")):
+    for name, bits, propagate in (("w4a16-awq", 4, "float"), ("w3a16-awq", 3, "float")):
         rec = load_recipe(name)
         assert rec.weights.bits == bits and rec.weights.granularity == PerGroup(128)
         (alg,) = rec.build()
