@@ -32,7 +32,7 @@ def _weights(out_f, in_f, seed=0):
 def test_reference_rounds_as_wqlinear_stores(bits, symmetric, group_size):
     spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=PerGroup(group_size))
     w = _weights(6, group_size * 4)
-    got = fake_quant_scaled_ref(w, torch.ones(1, w.shape[1]), group_size, spec.qmin, spec.qmax, symmetric)[0]
+    got = fake_quant_scaled_ref(w, torch.ones(1, w.shape[1]), group_size, spec)[0]
     assert torch.equal(got, pseudo_quantize_tensor(w, spec))
     if group_size % 8 == 0:
         packed = WQLinear.from_weight(w, None, spec)
@@ -47,9 +47,9 @@ def test_kernel_scaled_matches_the_reference_bit_for_bit(bits, symmetric, group_
     spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=PerGroup(group_size))
     w = _weights(10, group_size * 3, seed=bits)
     s = torch.rand(5, w.shape[1], generator=torch.Generator().manual_seed(1)) * 3 + 0.05
-    want = fake_quant_scaled_ref(w, s, group_size, spec.qmin, spec.qmax, symmetric, subtract)
+    want = fake_quant_scaled_ref(w, s, group_size, spec, subtract)
     buf = torch.full((want.numel() + 7,), float("nan"))  # a larger, dirty buffer: only its head is written
-    got = fake_quant_scaled(w, s, group_size, spec.qmin, spec.qmax, symmetric, subtract, out=buf)
+    got = fake_quant_scaled(w, s, group_size, spec, subtract, out=buf)
     assert got.shape == want.shape and got.data_ptr() == buf.data_ptr()
     assert torch.equal(got, want)
 
@@ -64,20 +64,20 @@ def test_kernel_clamped_matches_the_reference_bit_for_bit(bits, symmetric, group
     lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
     r = torch.tensor([1.0, 0.85, 0.6, 0.5])[None, :, None]
     lo_b, hi_b = (lo[:, None] * r).contiguous(), (hi[:, None] * r.flip(1)).contiguous()
-    want = fake_quant_clamped_ref(wg, lo_b, hi_b, spec.qmin, spec.qmax, symmetric)
-    got = fake_quant_clamped(wg, lo_b, hi_b, spec.qmin, spec.qmax, symmetric)
+    want = fake_quant_clamped_ref(wg, lo_b, hi_b, spec)
+    got = fake_quant_clamped(wg, lo_b, hi_b, spec)
     assert got.shape == (3, 4, 9, group_size)
     assert torch.equal(got, want)
 
 
 def test_bad_shapes_are_named():
-    w = torch.randn(4, 64)
+    w, spec = torch.randn(4, 64), QuantSpec(bits=4)
     with pytest.raises(ValueError, match="does not divide"):
-        fake_quant_scaled(w, torch.ones(2, 64), 48, 0, 15, False)
+        fake_quant_scaled(w, torch.ones(2, 64), 48, spec)
     with pytest.raises(ValueError, match=r"s \[k, I\]"):
-        fake_quant_scaled(w, torch.ones(2, 32), 32, 0, 15, False)
+        fake_quant_scaled(w, torch.ones(2, 32), 32, spec)
     with pytest.raises(ValueError, match="at least"):
-        fake_quant_scaled(w, torch.ones(2, 64), 32, 0, 15, False, out=torch.empty(10))
+        fake_quant_scaled(w, torch.ones(2, 64), 32, spec, out=torch.empty(10))
 
 
 @needs_ext

@@ -518,8 +518,7 @@ def test_nibble_packing_roundtrips():
 def test_nib_matches_reference(bits, group_size, sym, m):
     if not has_nib():
         pytest.skip("C++ nib kernel unavailable (no compiler?)")
-    # an odd row count, 576 inputs: 9 groups of 64
-    # (the offsets' vector loop takes 8, its tail 1)
+    # an odd row count, 576 inputs: 9 groups of 64 (the offsets' vector loop takes 8, its tail 1)
     n, k = 41, 576
     g = k if group_size == -1 else group_size
     q, s, z = make_weight(n, k, bits, g, sym, seed=bits + m)

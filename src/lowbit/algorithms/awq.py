@@ -73,14 +73,12 @@ from ..calib.runner import call_block
 from ..calib.stats import add_product_
 from ..errors import SpecError
 from ..kernels import matmul_dtype
-from ..kernels.fake_quant import fake_quant_clamped, fake_quant_scaled
+from ..kernels.fake_quant import fake_quant_clamped, fake_quant_scaled, round_groups_
 from ..models import (ResolvedPair, fold_scales, get_module, linear_shape, linear_weight, resolve_scaling_pairs,
                       set_linear_weight, set_module)
 from ..models.adapter import text_config
 from ..nn import WQLinear
-from ..nn.wq_linear import fp16_scale
 from ..quant import PerGroup, QuantSpec, quantize_dequantize
-from ..quant.primitives import _range_qparams
 from .base import Algorithm
 from .rtn import check_weights
 
@@ -95,9 +93,9 @@ _FQ_CHUNK_ELEMS = 4 * 2**20
 
 
 def _fq_args(spec: QuantSpec):
-    """(qmin, qmax, symmetric) for kernels.fake_quant, or None where the spec is not a uniform grid
-    (codebooks: the torch path)."""
-    return None if spec.is_codebook else (spec.qmin, spec.qmax, spec.symmetric)
+    """The spec for kernels.fake_quant, or None where it is not a uniform grid (codebooks: the torch
+    path)."""
+    return None if spec.is_codebook else spec
 
 
 def _group_spec(spec: QuantSpec, in_features: int) -> QuantSpec:
@@ -117,18 +115,8 @@ def _pseudo_quantize_(w: torch.Tensor, spec: QuantSpec, group_size: int, lo: tor
         w.copy_(quantize_dequantize(w, _group_spec(spec, w.shape[-1])))
         return w
     wg = w.view(*w.shape[:-1], w.shape[-1] // group_size, group_size)
-    lo = (wg.amin(dim=-1, keepdim=True) if lo is None else lo).clamp(max=0)
-    hi = (wg.amax(dim=-1, keepdim=True) if hi is None else hi).clamp(min=0)
-    scale, zero = _range_qparams(lo, hi, spec)
-    scale = fp16_scale(scale)
-    wg.div_(scale).round_()
-    if zero is not None:
-        # codes and zero are integers in float32, so clamping q to [qmin - z, qmax - z] is exactly
-        # (q + z).clamp(qmin, qmax) - z, in one pass instead of three
-        wg.clamp_(min=spec.qmin - zero, max=spec.qmax - zero)
-    else:
-        wg.clamp_(spec.qmin, spec.qmax)
-    wg.mul_(scale)
+    round_groups_(wg, wg.amin(dim=-1, keepdim=True) if lo is None else lo,
+                  wg.amax(dim=-1, keepdim=True) if hi is None else hi, spec)
     return w
 
 
@@ -339,7 +327,7 @@ def search_best_scale(weights: list[torch.Tensor], stats: InputStats, spec: Quan
     for start in range(0, n_grid, k):
         s = s_all[start : start + k, None, :]  # [kk, 1, in]
         if fq is not None:
-            d = fake_quant_scaled(w, s[:, 0], gs, *fq, subtract=True, out=buf)
+            d = fake_quant_scaled(w, s[:, 0], gs, fq, subtract=True, out=buf)
         else:
             d = torch.mul(w, s, out=buf[: s.shape[0]])
             _pseudo_quantize_(d, spec, gs).div_(s).sub_(w)
@@ -449,7 +437,7 @@ class _ModuleObjective:
         for start in range(0, candidates.shape[0], k):
             s = candidates[start : start + k, None, :]
             if fq is not None:
-                wq = fake_quant_scaled(self.w, s[:, 0], self.gs, *fq, out=buf)
+                wq = fake_quant_scaled(self.w, s[:, 0], self.gs, fq, out=buf)
             else:
                 wq = torch.mul(self.w, s, out=buf[: s.shape[0]])
                 _pseudo_quantize_(wq, self.spec, self.gs).div_(s)
@@ -575,7 +563,7 @@ def search_best_clip(w: torch.Tensor, stats: InputStats, spec: QuantSpec, *, cli
             hi_b = hi * (r4 if hi_r is None else hi_r.t().reshape(ng, 1, out_f, 1))
             lo_b, hi_b = lo_b.expand(ng, kk, out_f, 1), hi_b.expand(ng, kk, out_f, 1)
             if fq is not None:
-                d = fake_quant_clamped(w3, lo_b[..., 0], hi_b[..., 0], *fq, out=flat)
+                d = fake_quant_clamped(w3, lo_b[..., 0], hi_b[..., 0], fq, out=flat)
             else:
                 d = flat[: kk * w.numel()].view(ng, kk, out_f, gs)
                 torch.clamp(wg, min=lo_b, max=hi_b, out=d)

@@ -200,6 +200,7 @@ def _selftest(ext) -> None:
     """Bit for bit against the torch expressions, asymmetric and symmetric, on a vector-loop group
     (64) and one with a scalar tail (20)."""
     from lowbit.kernels.fake_quant import fake_quant_clamped_ref, fake_quant_scaled_ref
+    from lowbit.quant import QuantSpec
 
     g = torch.Generator().manual_seed(0)
     for sym in (False, True):
@@ -207,9 +208,10 @@ def _selftest(ext) -> None:
             w = torch.randn(12, gs * 3, generator=g)
             w[0, :gs] = 0.0  # an all-zero group: the scale's floor
             s = torch.rand(3, gs * 3, generator=g) + 0.5
-            qmin, qmax = (-8, 7) if sym else (0, 15)
+            spec = QuantSpec(bits=4, symmetric=sym)
+            qmin, qmax = spec.qmin, spec.qmax
             for sub in (False, True):
-                want = fake_quant_scaled_ref(w, s, gs, qmin, qmax, sym, sub)
+                want = fake_quant_scaled_ref(w, s, gs, spec, sub)
                 got = torch.empty(3, 12, gs * 3)
                 ext.fq_scaled(w, s, gs, qmin, qmax, sym, sub, got)
                 if not torch.equal(got, want):
@@ -218,7 +220,7 @@ def _selftest(ext) -> None:
             m = wg.abs().amax(-1)
             lo = -m[:, None, :] * torch.tensor([1.0, 0.8, 0.55])[None, :, None]
             hi = -lo * 0.9
-            want = fake_quant_clamped_ref(wg, lo.contiguous(), hi.contiguous(), qmin, qmax, sym)
+            want = fake_quant_clamped_ref(wg, lo.contiguous(), hi.contiguous(), spec)
             got = torch.empty(3, 3, 12, gs)
             ext.fq_clamped(wg, lo.contiguous(), hi.contiguous(), qmin, qmax, sym, got)
             if not torch.equal(got, want):

@@ -10,9 +10,8 @@ finer than the bf16 activations of the other fast paths), so the products are 16
 pairs a `vpmaddwd`, summed in int32 per group, then ``scale * x_scale * dot + offset * sum(x)``
 in float32. The weight is read once at half a byte a value and each unpacked code serves up to 4
 tokens. The codes are widened to int16 once a byte (both nibbles: one AND, one shift), and the
-offsets' part is summed 8 groups a vector. Decode (one token) is what this
-is for. Groups must be multiples of 32 (at most 4096) for
-the vector loop; others run a scalar loop.
+offsets' part is summed 8 groups a vector. Decode (one token) is what this is for. Groups must be
+multiples of 32 (at most 4096) for the vector loop; others run a scalar loop.
 
 Registered as ``torch.ops.lowbit_nib.*`` and built by ``_cpp_ext``; ``LOWBIT_NIB_EXT=0`` turns it
 off, and a failed build or self-test warns once and the dispatcher uses the other backends.
@@ -215,7 +214,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _selftest(ext) -> None:
-    """Against a float32 dequantize + matmul, on a vector-loop group (64) and a scalar one (24)."""
+    """Against a float32 dequantize + matmul, on a vector-loop group (64) and a scalar one (48)."""
     g = torch.Generator().manual_seed(0)
     for group, m in ((64, 5), (64, 2), (48, 2)):
         n, k = 41, 576  # 9 groups of 64: the offsets' vector loop takes 8, its tail 1

@@ -16,46 +16,43 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fake_quant_clamped", "fake_quant_clamped_ref", "fake_quant_scaled", "fake_quant_scaled_ref"]
+from lowbit.quant import QuantSpec
+from lowbit.quant.primitives import _range_qparams, fp16_scale
 
-_SCALE_EPS = 1e-8  # quant.primitives.SCALE_EPS: the scale's floor (an all-zero group)
+__all__ = ["fake_quant_clamped", "fake_quant_clamped_ref", "fake_quant_scaled", "fake_quant_scaled_ref",
+           "round_groups_"]
 
-
-def _round_groups_(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int,
-                   symmetric: bool) -> torch.Tensor:
-    """v `[..., g]` rounded in place onto the grid of the range [lo, hi] `[..., 1]` (the groups' min
-    and max): quant.primitives._range_qparams, then the scale as fp16 stores it (rounded up)."""
+def round_groups_(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """v `[..., g]` rounded in place onto spec's grid of the range [lo, hi] `[..., 1]` (the groups'
+    min and max, or what a clamp just made them): quant.primitives' range parameters, the scale as
+    fp16 stores it (rounded up). The one definition of this rounding: AWQ's searches call it, and
+    the C++ kernel reproduces it bit for bit."""
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    if symmetric:
-        scale = (torch.maximum(lo.abs(), hi.abs()) / ((qmax - qmin) / 2)).clamp_min(_SCALE_EPS)
-        zero = None
-    else:
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(_SCALE_EPS)
-        zero = torch.round(-lo / scale).clamp(qmin, qmax)
-    s16 = scale.to(torch.float16)
-    scale = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, float("inf"))), s16).float()
+    scale, zero = _range_qparams(lo, hi, spec)
+    scale = fp16_scale(scale)
     v.div_(scale).round_()
     if zero is None:
-        v.clamp_(qmin, qmax)
+        v.clamp_(spec.qmin, spec.qmax)
     else:
-        v.clamp_(min=qmin - zero, max=qmax - zero)
+        # codes and zero are integers in float32, so clamping q to [qmin - z, qmax - z] is exactly
+        # (q + z).clamp(qmin, qmax) - z, in one pass instead of three
+        v.clamp_(min=spec.qmin - zero, max=spec.qmax - zero)
     return v.mul_(scale)
 
 
-def fake_quant_scaled_ref(w: torch.Tensor, s: torch.Tensor, group_size: int, qmin: int, qmax: int,
-                          symmetric: bool, subtract: bool = False) -> torch.Tensor:
+def fake_quant_scaled_ref(w: torch.Tensor, s: torch.Tensor, group_size: int, spec: QuantSpec,
+                          subtract: bool = False) -> torch.Tensor:
     o, i = w.shape
     v = (w.float()[None] * s.float()[:, None, :]).view(s.shape[0], o, i // group_size, group_size)
-    _round_groups_(v, v.amin(-1, keepdim=True), v.amax(-1, keepdim=True), qmin, qmax, symmetric)
+    round_groups_(v, v.amin(-1, keepdim=True), v.amax(-1, keepdim=True), spec)
     v = v.view(s.shape[0], o, i).div_(s.float()[:, None, :])
     return v.sub_(w.float()) if subtract else v
 
 
-def fake_quant_clamped_ref(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int,
-                           symmetric: bool) -> torch.Tensor:
+def fake_quant_clamped_ref(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     w4 = wg.float().unsqueeze(1)  # [ng, 1, O, g]
     v = torch.clamp(w4, min=lo.unsqueeze(-1), max=hi.unsqueeze(-1))
-    _round_groups_(v, v.amin(-1, keepdim=True), v.amax(-1, keepdim=True), qmin, qmax, symmetric)
+    round_groups_(v, v.amin(-1, keepdim=True), v.amax(-1, keepdim=True), spec)
     return v.sub_(w4)
 
 
@@ -67,9 +64,9 @@ def _ops(*tensors: torch.Tensor):
     return _fq_cpp.load()
 
 
-def fake_quant_scaled(w: torch.Tensor, s: torch.Tensor, group_size: int, qmin: int, qmax: int,
-                      symmetric: bool, subtract: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out: a float32 buffer of k * O * I elements to write into (a search reuses one: a fresh
+def fake_quant_scaled(w: torch.Tensor, s: torch.Tensor, group_size: int, spec: QuantSpec,
+                      subtract: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """spec: a uniform grid (codebook specs have no kernel: quant.quantize_dequantize). out: a float32 buffer of k * O * I elements to write into (a search reuses one: a fresh
     tensor of this size costs its page faults every call); returned viewed as `[k, O, I]`."""
     if w.dim() != 2 or s.dim() != 2 or s.shape[1] != w.shape[1]:
         raise ValueError(f"fake_quant_scaled: w [O, I] and s [k, I], got {tuple(w.shape)} and {tuple(s.shape)}")
@@ -78,15 +75,16 @@ def fake_quant_scaled(w: torch.Tensor, s: torch.Tensor, group_size: int, qmin: i
     ops = _ops(w, s)
     shape = (s.shape[0], *w.shape)
     if ops is None:
-        r = fake_quant_scaled_ref(w, s, group_size, qmin, qmax, symmetric, subtract)
+        r = fake_quant_scaled_ref(w, s, group_size, spec, subtract)
         return r if out is None else _into(out, r, shape)
     out = _buffer(out, shape, w.device)
-    ops.fq_scaled(w.float().contiguous(), s.float().contiguous(), group_size, qmin, qmax, symmetric, subtract, out)
+    ops.fq_scaled(w.float().contiguous(), s.float().contiguous(), group_size, spec.qmin, spec.qmax, spec.symmetric,
+                  subtract, out)
     return out
 
 
-def fake_quant_clamped(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int,
-                       symmetric: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quant_clamped(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """out: as for fake_quant_scaled; returned viewed as `[ng, k, O, g]`."""
     if wg.dim() != 3 or lo.dim() != 3 or lo.shape != hi.shape or lo.shape[0] != wg.shape[0] or lo.shape[2] != wg.shape[1]:
         raise ValueError(f"fake_quant_clamped: wg [ng, O, g], lo and hi [ng, k, O]; got {tuple(wg.shape)}, "
@@ -94,10 +92,11 @@ def fake_quant_clamped(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmi
     ops = _ops(wg, lo, hi)
     shape = (wg.shape[0], lo.shape[1], wg.shape[1], wg.shape[2])
     if ops is None:
-        r = fake_quant_clamped_ref(wg, lo, hi, qmin, qmax, symmetric)
+        r = fake_quant_clamped_ref(wg, lo, hi, spec)
         return r if out is None else _into(out, r, shape)
     out = _buffer(out, shape, wg.device)
-    ops.fq_clamped(wg.float().contiguous(), lo.float().contiguous(), hi.float().contiguous(), qmin, qmax, symmetric, out)
+    ops.fq_clamped(wg.float().contiguous(), lo.float().contiguous(), hi.float().contiguous(), spec.qmin, spec.qmax,
+                   spec.symmetric, out)
     return out
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import InvalidWeightsError, SpecError
+from ..quant.primitives import fp16_scale  # noqa: F401  (its home was here; importers use this name)
 from ..quant import (PerChannel, PerGroup, QuantSpec, check_group_size, choose_qparams, pack, quantize,
                      unpack)
 
@@ -211,17 +212,6 @@ class WQLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, {kind}, bias={self.bias is not None}"
                 + (", act_order" if self.perm is not None else ""))
-
-
-def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The scale as stored (fp16), rounded up so the group's range still fits the grid.
-
-    Codes are then chosen against this scale, so dequantization reproduces exactly what rounding
-    intended; rounding the scale down instead would clip the largest values of each group.
-    """
-    s16 = scale.to(torch.float16)
-    up = torch.nextafter(s16, torch.full_like(s16, float("inf")))
-    return torch.where(s16.float() < scale, up, s16).float()
 
 
 def _with_group(spec: QuantSpec, in_features: int) -> QuantSpec:

@@ -85,6 +85,17 @@ def _validate(x: torch.Tensor, spec: QuantSpec) -> None:
         check_group_size(x.shape[-1], g.group_size)
 
 
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as stored (fp16), rounded up so the group's range still fits the grid.
+
+    Codes are then chosen against this scale, so dequantization reproduces exactly what rounding
+    intended; rounding the scale down instead would clip the largest values of each group.
+    """
+    s16 = scale.to(torch.float16)
+    up = torch.nextafter(s16, torch.full_like(s16, float("inf")))
+    return torch.where(s16.float() < scale, up, s16).float()
+
+
 def _range_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
     """Elementwise (any shape): a [lo, hi] range -> (scale, zero or None)."""
     if spec.is_codebook:
