@@ -22,6 +22,17 @@ WIKI_VALID = SHARED_DATA / "wiki.valid.tokens"
 ONEDNN = pytest.param("onednn", marks=pytest.mark.skipif(
     not importlib.import_module("lowbit.kernels.int8_gemm")._has_vnni(), reason="this CPU has no VNNI/AMX for oneDNN's int8 GEMM"))
 
+# lowbit's AVX2 int8 kernel: any x86 CPU with AVX2 and a compiler (checked where the test runs, so that
+# collecting the tests does not build it)
+AVX2 = "avx2"
+
+
+def need_backend(backend: str) -> None:
+    """Skips (with the reason) a test of the AVX2 int8 backend where it cannot run."""
+    if backend == AVX2 and importlib.import_module("lowbit.kernels.int8_gemm")._avx2_ext() is None:
+        pytest.skip("lowbit's AVX2 int8 kernel is unavailable here (no AVX2, no compiler, or LOWBIT_I8_EXT=0)")
+
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
 

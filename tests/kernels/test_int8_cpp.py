@@ -10,7 +10,7 @@ import torch
 
 from lowbit.errors import SpecError
 from lowbit.kernels import _int8_cpp
-from tests.conftest import ONEDNN
+from tests.conftest import AVX2, ONEDNN, need_backend
 
 K = importlib.import_module("lowbit.kernels.int8_gemm")
 
@@ -83,8 +83,9 @@ def test_epilogue_bit_identical(acc_dtype, out_dtype, per_token, per_channel, bi
     assert got.dtype == out_dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32"])
+@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32", AVX2])
 def test_uint8_codes_give_the_same_result_as_int8(backend):
+    need_backend(backend)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(20, 96, generator=g)
     qw = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)

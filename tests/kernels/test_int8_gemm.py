@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit.errors import SpecError
-from tests.conftest import ONEDNN
+from tests.conftest import AVX2, ONEDNN, need_backend
 
 # the package exports the function int8_gemm under the module's name: fetch the module itself
 K = importlib.import_module("lowbit.kernels.int8_gemm")
@@ -25,10 +25,11 @@ def _exact(qx, qw):
     return (qx.double() @ qw.double().t())
 
 
-@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32"])
+@pytest.mark.parametrize("backend", ["ref", "int_mm", ONEDNN, "fp32", AVX2])
 @pytest.mark.parametrize("x_gran,w_gran", [("token", "channel"), ("tensor", "tensor"), ("token", "tensor"),
                                            ("tensor", "channel")])
 def test_backends_match_exact_accumulation(backend, x_gran, w_gran):
+    need_backend(backend)
     m, k, n = 33, 96, 48
     qx, qw = _case(m, k, n)
     xs = torch.rand(m, 1) * 0.1 + 0.01 if x_gran == "token" else torch.tensor(0.03)
@@ -42,8 +43,9 @@ def test_backends_match_exact_accumulation(backend, x_gran, w_gran):
     torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["int_mm", ONEDNN, "fp32"])
+@pytest.mark.parametrize("backend", ["int_mm", ONEDNN, "fp32", AVX2])
 def test_m1_and_leading_dims_and_out_dtype(backend):
+    need_backend(backend)
     qx, qw = _case(6, 64, 32, seed=1)
     ws = torch.rand(32) + 0.5
     prepared = K.prepare_int8(qw, backends=[backend] if backend != "fp32" else [])
@@ -70,22 +72,48 @@ def test_fp32_backend_is_exact_where_float32_sums_would_round():
     assert torch.equal(y, K.int8_gemm_ref(qx, one, qw, one))
 
 
-def test_auto_picks_fp32_without_vnni_and_onednn_is_refused_there(monkeypatch):
+def test_auto_without_vnni_picks_avx2_then_fp32_and_onednn_is_refused_there(monkeypatch):
     _, qw = _case(4, 32, 16)
     monkeypatch.delenv(K.BACKEND_ENV, raising=False)
     monkeypatch.setattr(K, "_has_vnni", lambda: False)
     p = K.prepare_int8(qw)
-    assert "onednn_weight" not in p
-    assert K.select_int8_backend(p, m=1) == K.select_int8_backend(p, m=512) == "fp32"
+    assert "onednn_weight" not in p and "i8_avx2_weight" in p
+    want = "avx2" if K._avx2_ext() is not None else "fp32"
+    assert K.select_int8_backend(p, m=1) == K.select_int8_backend(p, m=512) == want
+    # a -128 code has no negation in int8, which the AVX2 kernel's sign step needs
+    qw_min = qw.clone()
+    qw_min[0, 0] = -128
+    p = K.prepare_int8(qw_min)
+    assert "i8_avx2_weight" not in p and K.select_int8_backend(p, m=1) == "fp32"
+    with pytest.raises(SpecError, match="not prepared"):
+        K.select_int8_backend(p, "avx2")
     with pytest.raises(SpecError, match="VNNI"):
         K.prepare_int8(qw, backends=["onednn"])
+
+
+def test_avx2_kernel_exact_at_the_extremes_and_odd_shapes():
+    need_backend(AVX2)
+    g = torch.Generator().manual_seed(7)
+    # K with and without a tail past the last 32 codes, odd N (the two-row loop's last row), M past
+    # the 4-token tiles; |x| = 128 with |w| = 127 everywhere is the largest pair sum the kernel forms
+    for m, k, n in ((1, 32, 1), (5, 70, 9), (9, 576, 13), (2, 4096, 3)):
+        qx = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        qx[0] = -128
+        qw[0] = 127
+        qw[-1] = -127
+        acc = K._avx2_ext().i8_gemm(qx, qw)
+        assert acc.dtype == torch.int32 and torch.equal(acc.double(), _exact(qx, qw))
+    big = torch.full((1, 4096), -128, dtype=torch.int8)  # |acc| = 128 * 127 * 4096 < 2^31
+    w = torch.full((2, 4096), -127, dtype=torch.int8)
+    assert torch.equal(K._avx2_ext().i8_gemm(big, w).double(), _exact(big, w))
 
 
 def test_auto_and_env_override(monkeypatch):
     _, qw = _case(4, 32, 16)
     p = K.prepare_int8(qw, backends=["int_mm"] + (["onednn"] if K._has_vnni() else []))
     monkeypatch.delenv(K.BACKEND_ENV, raising=False)
-    assert K.select_int8_backend(p) in ("onednn", "int_mm", "fp32")
+    assert K.select_int8_backend(p) in ("onednn", "int_mm", "fp32", "avx2")
     monkeypatch.setenv(K.BACKEND_ENV, "ref")
     assert K.select_int8_backend(p) == "ref"
     monkeypatch.setenv(K.BACKEND_ENV, "onednn")

@@ -65,7 +65,7 @@ def _prepared(w8: torch.Tensor, backend: str) -> Mapping[str, torch.Tensor]:
     # oneDNN needs a prepacked weight, which per call would cost more than it saves; it is built
     # only when that backend is asked for explicitly (argument or LOWBIT_INT8_BACKEND)
     forced = forced_backend("w4a8", backend, BACKEND_ENV, BACKENDS, BACKENDS)
-    return prepare_int8(w8, backends=("onednn",) if forced == "onednn" else ())
+    return prepare_int8(w8, backends=("onednn",) if forced == "onednn" else ("avx2",))
 
 
 def w4a8_gemm(qx: torch.Tensor, x_scale, qweight: torch.Tensor, k: int, w_scale,

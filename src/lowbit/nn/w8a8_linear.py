@@ -114,7 +114,7 @@ class W8A8Linear(nn.Module):
     def _prepared(self) -> dict:
         if self._runtime is None or self._runtime_device != self.weight.device:
             forced = os.environ.get(kernels.INT8_BACKEND_ENV, "auto").strip().lower() or "auto"
-            self._runtime = kernels.prepare_int8(self.weight, backends=(forced,) if forced in ("onednn",) else "auto")
+            self._runtime = kernels.prepare_int8(self.weight, backends=(forced,) if forced in ("onednn", "avx2") else "auto")
             self._runtime_device = self.weight.device
         return self._runtime
 
