@@ -80,13 +80,6 @@ def test_auto_without_vnni_picks_avx2_then_fp32_and_onednn_is_refused_there(monk
     assert "onednn_weight" not in p and "i8_avx2_weight" in p
     want = "avx2" if K._avx2_ext() is not None else "fp32"
     assert K.select_int8_backend(p, m=1) == K.select_int8_backend(p, m=512) == want
-    # a -128 code has no negation in int8, which the AVX2 kernel's sign step needs
-    qw_min = qw.clone()
-    qw_min[0, 0] = -128
-    p = K.prepare_int8(qw_min)
-    assert "i8_avx2_weight" not in p and K.select_int8_backend(p, m=1) == "fp32"
-    with pytest.raises(SpecError, match="not prepared"):
-        K.select_int8_backend(p, "avx2")
     with pytest.raises(SpecError, match="VNNI"):
         K.prepare_int8(qw, backends=["onednn"])
 
@@ -95,18 +88,28 @@ def test_avx2_kernel_exact_at_the_extremes_and_odd_shapes():
     need_backend(AVX2)
     g = torch.Generator().manual_seed(7)
     # K with and without a tail past the last 32 codes, odd N (the two-row loop's last row), M past
-    # the 4-token tiles; |x| = 128 with |w| = 127 everywhere is the largest pair sum the kernel forms
+    # the 4-token tiles; |w| = 128 with |x| = 127 is the largest pair sum the kernel forms
     for m, k, n in ((1, 32, 1), (5, 70, 9), (9, 576, 13), (2, 4096, 3)):
-        qx = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
-        qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-        qx[0] = -128
-        qw[0] = 127
-        qw[-1] = -127
+        qx = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        qw = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        qx[0] = -127
+        qw[0] = -128
+        qw[-1] = 127
         acc = K._avx2_ext().i8_gemm(qx, qw)
         assert acc.dtype == torch.int32 and torch.equal(acc.double(), _exact(qx, qw))
-    big = torch.full((1, 4096), -128, dtype=torch.int8)  # |acc| = 128 * 127 * 4096 < 2^31
-    w = torch.full((2, 4096), -127, dtype=torch.int8)
+    big = torch.full((1, 4096), 127, dtype=torch.int8)  # |acc| = 128 * 127 * 4096 < 2^31
+    w = torch.full((2, 4096), -128, dtype=torch.int8)
     assert torch.equal(K._avx2_ext().i8_gemm(big, w).double(), _exact(big, w))
+    # an activation code of -128 has no sign-flipped int8 value: the op refuses it, and int8_gemm
+    # takes the exact float32 path for that call instead
+    qx = torch.randint(-127, 128, (3, 64), dtype=torch.int8, generator=g)
+    qx[1, 5] = -128
+    qw = torch.randint(-128, 128, (8, 64), dtype=torch.int8, generator=g)
+    with pytest.raises(RuntimeError, match=r"\[-127, 127\]"):
+        K._avx2_ext().i8_gemm(qx, qw)
+    one = torch.ones(())
+    y = K.int8_gemm(qx, one, K.prepare_int8(qw, backends=["avx2"]), one, backend="avx2")
+    assert torch.equal(y, K.int8_gemm_ref(qx, one, qw, one))
 
 
 def test_auto_and_env_override(monkeypatch):

@@ -31,12 +31,13 @@ Backends, all exact in int32:
   without u8 x s8 dot products (AVX2 alone), where torch's ``_int_mm`` is a scalar loop about 20x
   slower than a float32 GEMM and oneDNN's AVX2 int8 kernel saturates its 16-bit pair sums (15-20%
   error on random codes): there the integer GEMM runs at float32 GEMM speed, no faster.
-- ``avx2``: lowbit's own AVX2 kernel (``_i8_cpp``: ``vpmaddubsw`` on |x| and sign(x) w, exact for
-  weight codes in [-127, 127]), ``auto``'s choice on CPUs without VNNI at every token count. It
+- ``avx2``: lowbit's own AVX2 kernel (``_i8_cpp``: ``vpmaddubsw`` on |w| and sign(w) x, exact for
+  activation codes in [-127, 127], which the quantizers here give), ``auto``'s choice on CPUs
+  without VNNI at every token count. It
   reads the weight at one byte a value where ``fp32`` first widens it to four: one thread, 4096 x
   4096, quantization and epilogue included, M=1 1.6 ms against 19.7 ms (``fp32``) and 5.1 ms
-  (float32 ``F.linear``); M=128 69 against 126 and 107 ms; M=512 316 against 396 and 333 ms. A
-  weight holding -128 (W4A8's group products can) stays on ``fp32``.
+  (float32 ``F.linear``); M=128 69 against 126 and 107 ms; M=512 316 against 396 and 333 ms.
+  Activation codes holding -128 (lowbit's quantizers never give it) go to ``fp32`` for that call.
 
 ``prepare_int8`` builds what the backends need once from the canonical ``[N, K]`` int8 weight;
 ``int8_gemm`` picks one (explicit argument, then ``LOWBIT_INT8_BACKEND``, then ``auto``). ``auto``
@@ -271,7 +272,7 @@ def prepare_int8(qw: torch.Tensor, *, backends: str | Iterable[str] = "auto") ->
     Every result keeps ``int8_weight`` (the canonical weight; ``ref`` and ``int_mm`` read it). The
     oneDNN prepacked weight (its own layout, as large again) is added when asked for, or under
     ``auto`` on CPUs with VNNI or AMX, where that path is the fast one; the AVX2 kernel's weight (the
-    same tensor) when asked for, or under ``auto`` on other CPUs, unless the weight holds -128.
+    same tensor) when asked for, or under ``auto`` on other CPUs.
     """
     if qw.dtype != torch.int8 or qw.dim() != 2:
         raise SpecError(f"int8: the weight must be int8 [N, K], got {qw.dtype} {tuple(qw.shape)}")
@@ -283,8 +284,8 @@ def prepare_int8(qw: torch.Tensor, *, backends: str | Iterable[str] = "auto") ->
         if unknown:
             raise SpecError(f"int8: unknown backend(s) {sorted(unknown)}; choose from {BACKENDS}")
     out = {"int8_weight": qw}
-    if "avx2" in wanted and qw.device.type == "cpu" and not bool((qw == -128).any()):
-        out["i8_avx2_weight"] = qw.contiguous()  # the sign step needs -qw representable: left out otherwise
+    if "avx2" in wanted and qw.device.type == "cpu":
+        out["i8_avx2_weight"] = qw.contiguous()
     if "onednn" in wanted:
         if qw.device.type != "cpu":
             raise SpecError("int8: the onednn backend runs on CPU tensors only")
@@ -383,7 +384,11 @@ def int8_gemm(qx: torch.Tensor, x_scale, w_prepared: Mapping[str, torch.Tensor],
         elif name == "fp32":
             y = _epilogue(_run_fp32(_signed(qx2), qw), xs2, ws, bias, out_dtype)
         elif name == "avx2":
-            acc = _avx2_ext().i8_gemm(_signed(qx2).contiguous(), w_prepared["i8_avx2_weight"])
+            q8 = _signed(qx2).contiguous()
+            if bool((q8 == -128).any()):  # outside the kernel's range (see _i8_cpp): exact float32 GEMMs
+                acc = _run_fp32(q8, qw)
+            else:
+                acc = _avx2_ext().i8_gemm(q8, w_prepared["i8_avx2_weight"])
             y = _epilogue(acc, xs2, ws, bias, out_dtype)
         else:
             acc = _run_onednn(_unsigned(qx2).contiguous(), w_prepared, ws, n)
