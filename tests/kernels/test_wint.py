@@ -391,9 +391,9 @@ def test_empty_and_non_contiguous_inputs():
     assert wint_gemm(torch.randn(0, 128), p, out_features=64).shape == (0, 64)
     assert wint_gemm(torch.randn(2, 0, 128), p, out_features=64).shape == (2, 0, 64)
     x = torch.randn(128, 6).t()  # [6, 128], not contiguous
-    for name in ("int4pack", "dequant"):
+    for name in available_backends(p):  # int4pack + dequant, or on AVX2 CPUs nib + dequant
         y = wint_gemm(x, p, out_features=64, backend=name)
-        assert rel_err(y, wint_gemm_ref(x, q, s, z, 64)) < BF16_TOL
+        assert rel_err(y, wint_gemm_ref(x, q, s, z, 64)) < BF16_TOL, name
 
 
 def test_prepared_tensors_are_plain_buffers():
@@ -536,12 +536,26 @@ def test_auto_prepares_nib_where_torch_int4pack_layout_is_unknown(monkeypatch):
     monkeypatch.setattr(wint, "int4pack_layout_known", lambda: False)
     q, s, z = make_weight(64, 256, 4, 64, sym=False)
     p = prepare_wint(q, s, z, 4, 64)
-    assert available_backends(p)[-2:] == ("nib", "dequant")
+    # nib's nibbles are the only copy of the weight (0.5 byte/weight + float32 scales and offsets):
+    # its dequant path reads them too
+    assert sorted(p) == ["nib_offset", "nib_scales", "nib_weight"]
+    assert available_backends(p) == ("nib", "dequant")
     assert select_backend(1, p) == select_backend(wint.NIB_MAX_M, p) == "nib"
-    assert select_backend(wint.NIB_MAX_M + 1, p) in ("int4pack", "dequant")
-    for m in (1, wint.NIB_MAX_M + 1):
+    assert select_backend(wint.NIB_MAX_M + 1, p) == "dequant"
+    for m in (1, wint.NIB_MAX_M + 1, 300):
         x = torch.randn(m, 256)
-        assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 64)) < BF16_TOL
+        assert rel_err(wint_gemm(x, p, out_features=64), wint_gemm_ref(x, q, s, z, 64)) < 1e-4, m
+    # and from the nibbles in float32, per chunk of rows (a layer taller than one chunk)
+    monkeypatch.setattr(wint, "DEQUANT_CHUNK_BYTES", 2 * 256 * 16)
+    q3, s3, z3 = make_weight(40, 256, 3, 32, sym=True, seed=3)
+    p3 = prepare_wint(q3, s3, z3, 3, 32)
+    x = torch.randn(20, 256)
+    want = wint_gemm_ref(x, q3, s3, z3, 32)
+    y = wint_gemm(x, p3, out_features=40, backend="dequant")
+    assert rel_err(y, want) < 1e-5
+    monkeypatch.setenv(_nib_cpp.EXT_ENV, "0")  # the torch ops that stand in for nib_dequant: same weights
+    assert available_backends(p3) == ("dequant",)
+    assert torch.equal(wint_gemm(x, p3, out_features=40, backend="dequant"), y)
     q6, s6, z6 = make_weight(16, 64, 6, 64, sym=False)
     with pytest.raises(SpecError, match="nib cannot run"):
         prepare_wint(q6, s6, z6, 6, 64, backends=("nib",))

@@ -4,6 +4,8 @@ lowbit's own nibble layout rather than torch's int4pack (whose layout torch chan
 - ``nib_gemm(x float32 [M, K], packed uint8 [N, K / 2], scales float32 [N, K / g], offsets float32
   [N, K / g], g) -> float32 [M, N]``: ``y = x @ W^T`` with ``W[n, k] = q[n, k] * scale + offset``
   of k's group; ``pack_nibbles`` gives the layout (K a multiple of 32).
+- ``nib_dequant(packed, scales, offsets, g, n0, n1, out)``: rows n0..n1 of W in float32 into ``out``
+  (the prefill path's weights, one pass from the nibbles).
 
 Each token is rounded to int16 codes on its own absmax / 32767 (2^-16 of its largest value: far
 finer than the bf16 activations of the other fast paths), so the products are 16 int16 x int16
@@ -182,6 +184,49 @@ at::Tensor nib_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   return y;
 }
 
+// rows n0..n1 of W in float32 into out [n1 - n0, K]: W[n, k] = q[n, k] * scale + offset of k's group
+// (the dequant path's prefill reads these: one pass from the nibbles, no int8 copy of the weight)
+void nib_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tensor& off, int64_t g, int64_t n0,
+                 int64_t n1, at::Tensor out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(K % 32 == 0 && g > 0 && K % g == 0, "nib_dequant: K a multiple of 32 and of the group");
+  const int64_t G = K / g;
+  for (const at::Tensor* t : {&sc, &off})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                t->size(1) == G, "scales/offsets: float32 [N, K/g]");
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "nib_dequant: rows out of range");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= (n1 - n0) * K,
+              "nib_dequant: out must be a contiguous float32 buffer of (n1 - n0) * K");
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const float* op = off.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      const uint8_t* pr = pp + n * (K / 2);
+      float* orow = o + (n - n0) * K;
+      for (int64_t c = 0; c < K / 32; ++c) {
+        const uint8_t* pc = pr + c * 16;
+        float* oc = orow + c * 32;
+        if (g % 32 == 0) {  // the run of 32 codes lies in one group
+          const float s = sp[n * G + c * 32 / g], f = op[n * G + c * 32 / g];
+          for (int i = 0; i < 16; ++i) {
+            oc[i] = (float)(pc[i] & 15) * s + f;
+            oc[16 + i] = (float)(pc[i] >> 4) * s + f;
+          }
+        } else {
+          for (int i = 0; i < 32; ++i) {
+            const int64_t gi = (c * 32 + i) / g;
+            const int q = i < 16 ? (pc[i] & 15) : (pc[i - 16] >> 4);
+            oc[i] = (float)q * sp[n * G + gi] + op[n * G + gi];
+          }
+        }
+      }
+    }
+  });
+}
+
 bool has_avx2() {
 #ifdef LOWBIT_NIB_AVX2
   return true;
@@ -192,6 +237,8 @@ bool has_avx2() {
 
 TORCH_LIBRARY(lowbit_nib, m) {
   m.def("nib_gemm(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int group) -> Tensor", &nib_gemm);
+  m.def("nib_dequant(Tensor packed, Tensor scales, Tensor offsets, int group, int n0, int n1, Tensor(a!) out) -> ()",
+        &nib_dequant);
   m.def("has_avx2() -> bool", &has_avx2);
 }
 """
@@ -228,7 +275,13 @@ def _selftest(ext) -> None:
         err = float((got - want).norm() / want.norm())
         if not err < 1e-4:
             raise RuntimeError(f"self-test against float32 failed (group {group}: rel. err {err:.3g})")
+        buf = torch.empty(n - 3, k)
+        ext.nib_dequant(pack_nibbles(q), sc, off, group, 3, n, buf)
+        if not torch.equal(buf, w[3:]):  # the same float32 product and sum
+            raise RuntimeError(f"self-test: nib_dequant differs from q * scale + offset (group {group})")
 
 
-EXT = _cpp_ext.Extension("nib", _SOURCE, "lowbit_nib", EXT_ENV, _selftest)
+# no FMA contraction: nib_dequant must give exactly q * scale + offset as torch computes it (the
+# vector kernel calls its FMAs by name)
+EXT = _cpp_ext.Extension("nib", _SOURCE, "lowbit_nib", EXT_ENV, _selftest, extra_cflags=("-ffp-contract=off",))
 load = EXT.load  # the compiled ops, or None (turned off, or the build failed: warned once)

@@ -26,10 +26,13 @@ Backends (all but ``ref`` compute with bf16 activations and fp32 accumulation):
 - ``nib``: our C++ kernel for CPUs without AVX512 (``_nib_cpp``, AVX2 + FMA) on lowbit's own nibble
   layout (0.5 byte/weight, float32 scales and offsets), activations rounded to int16 per token; for a
   few tokens.
-  ``auto`` adds it where torch's int4pack layout is not the AVX512 one (AVX2 CPUs: there the aten
-  op is 2-3x slower and the int4cpp kernels do not run) and runs it up to ``NIB_MAX_M`` tokens.
-- ``dequant``: dequantize N-chunks of the weight to bf16 and run a bf16 GEMM per chunk (chunks
-  stay in cache and reuse one buffer). Reads whichever compact form was prepared: int8 codes
+  ``auto`` uses it where torch's int4pack layout is not the AVX512 one (AVX2 CPUs: there the aten
+  op is 2-3x slower and the int4cpp kernels do not run) up to ``NIB_MAX_M`` tokens, and keeps no
+  other form of the weight there: the dequant path reads the nibbles too (0.625 byte/weight at run
+  time for g64, where int4pack plus int8 codes made it about 2.2).
+- ``dequant``: dequantize N-chunks of the weight to bf16 (float32 on CPUs without fast bf16) and run
+  a GEMM per chunk (chunks stay in cache and reuse one buffer). Reads whichever compact form was
+  prepared: nib's nibbles (float32 scales, ``nib_dequant``), int8 codes
   ``q - zeros`` (1 byte/weight, the fastest with torch ops alone), the int8pack weight, or the
   int4pack nibbles (no extra memory; fastest of all with the C++ extension, about 2x the codes
   path with torch ops alone).
@@ -109,10 +112,13 @@ INT4PACK_MAX_M = 32
 INT4PACK_MAX_M_NIBBLES = 96
 INT8PACK_MAX_M = 8
 # nib (AVX2 CPUs) against float32 F.linear, g64, 1 thread, process CPU time, 2-core AMD EPYC with AVX2
-# alone: 4096x4096 M=1 0.87 / 3.82 ms, 4096x11008 M=1 2.90 / 11.15 (bench/out/kernels_avx2_s17.json);
-# the previous version of the kernel at M=8: 9.02 / 30.2 and 17.0 / 68.0 (kernels_avx2_s16.json).
-# Beyond 8 tokens it was not timed against the dequant path.
-NIB_MAX_M = 8
+# alone: 4096x4096 M=1 0.87 / 3.82 ms, 4096x11008 M=1 2.90 / 11.15 (bench/out/kernels_avx2_s17.json).
+# Against the dequant path that reads its nibbles (nib_dequant + float32 GEMM per chunk), ms
+# (logs of one session, same conditions; int4pack was slower than nib at every M up to 64):
+#                    M=8          M=32         M=64          M=512
+#   4096x4096        8.2 / 38.9   24.3 / 44.9  38.8 / 77.5   447 / 304
+#   4096x11008       17.9 / 84.7  72.5 / 98.7  116.8 / 168.6 1226 / 848          -> 64
+NIB_MAX_M = 64
 
 # int4pack group sizes accepted by aten._weight_int4pack_mm_for_cpu (torch 2.13).
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
@@ -261,7 +267,8 @@ def prepare_wint(
 
     ``backends``: ``"auto"``, or an iterable of names from ``BACKENDS``. ``auto`` keeps one
     compact form: int4pack for bits <= 4 (0.5 byte/weight; ``int4pack``, ``int4cpp`` and
-    ``dequant`` all read it), int8pack for per-channel bits 5..8, else int8 dequant codes.
+    ``dequant`` all read it), or nib's nibbles on CPUs that use nib (``nib`` and ``dequant`` read
+    them), int8pack for per-channel bits 5..8, else int8 dequant codes.
     Adding ``"dequant"`` to an explicit list also keeps int8 codes (1 byte/weight more), the
     fastest prefill when the C++ extension is unavailable. ``int4cpp`` needs nothing of its
     own (it reads the int4pack tensors). Naming a backend the weight cannot use raises
@@ -316,7 +323,10 @@ def prepare_wint(
         if name in wanted and why4:
             raise SpecError(f"wint: {name} cannot run this weight: {why4}")
     int4_dequant_ok = False
-    if (auto or "int4pack" in wanted or "int4cpp" in wanted) and why4 is None:
+    # under auto nib is the only form on CPUs that use it: its nibbles feed the dequant path too
+    # (int4pack is the slower few-token kernel there, and the int8 codes cost a byte a weight more)
+    nib_only = auto and use_nib
+    if (auto and not nib_only or "int4pack" in wanted or "int4cpp" in wanted) and why4 is None:
         g = _int4pack_group(group_size)
         rep = group_size // g
         # 2- and 3-bit codes are moved to the middle of the 4-bit range (q + shift, z + shift:
@@ -342,7 +352,7 @@ def prepare_wint(
     use8 = ("int8pack" in wanted) or (auto and bits > 4 and why8 is None)
     # codes when asked for, when nothing else can feed the dequant path, or when torch's
     # int4pack layout is not the one the nibble reader knows
-    want_codes = "dequant" in wanted or (not use8 and not int4_dequant_ok)
+    want_codes = "dequant" in wanted or (not use8 and not int4_dequant_ok and not nib_only)
     if use8 or want_codes:
         codes, offset = _int8_codes(q, zeros_full, scales_f, zeros_f, group_size)
     if use8:
@@ -399,6 +409,8 @@ def _dequant_source(prepared: Mapping[str, torch.Tensor]) -> str | None:
         return "int8pack"
     if "int4pack_weight" in prepared:
         return "int4pack"
+    if "nib_weight" in prepared:
+        return "nib"
     return None
 
 
@@ -529,6 +541,30 @@ def _dequant_linear_codes(xb, codes, scales, offset):
     return _chunked_codes_linear(xb, codes, fill)
 
 
+def _dequant_linear_nib(xb, packed, scales, offset):
+    """[M, N] in xb's dtype from nib's nibbles [N, K / 2] and float32 scales and offsets [N, K // G]
+    (W = q * scale + offset), one L2-sized chunk of rows at a time in one reused buffer."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    ng = scales.shape[1]
+    rows = min(n, _chunk_rows(k, 16))
+    buf = _workspace(rows * k, torch.float32)
+    ext = _nib_cpp.load()
+    outs = []
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        if ext is not None:  # one pass (the torch ops below take four and ran 12% slower at M=512)
+            ext.nib_dequant(packed, scales, offset, k // ng, n0, n1, buf)
+            w = buf[: (n1 - n0) * k]
+        else:
+            src = packed[n0:n1].view(n1 - n0, k // 32, 16)  # byte i of a run: codes i and i + 16
+            w = buf[: (n1 - n0) * k].view(n1 - n0, k // 32, 2, 16)
+            torch.bitwise_and(src, 15, out=w[:, :, 0])
+            torch.bitwise_right_shift(src, 4, out=w[:, :, 1])
+            w.view(n1 - n0, ng, k // ng).mul_(scales[n0:n1, :, None]).add_(offset[n0:n1, :, None])
+        outs.append(F.linear(xb, w.view(n1 - n0, k).to(xb.dtype)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
 def _codes_linear_per_channel(xb, codes, scales, offset):
     """fp32 [M, N] = (x @ codes^T) * s (+ x.sum(-1) * offset): per-channel scales go on the output,
     so dequantizing is a single int8 -> bf16 conversion per chunk."""
@@ -631,6 +667,8 @@ def _run_dequant(x2, p, bias, n):
         else:
             y = _dequant_linear_codes(xb, p["int8pack_weight"], sc[:, None],
                                       None if off is None else off[:, None].to(xb.dtype))
+    elif src == "nib":
+        y = _dequant_linear_nib(xb, p["nib_weight"], p["nib_scales"], p["nib_offset"])
     else:
         y = _dequant_linear_int4pack(xb, p["int4pack_weight"], p["int4pack_scales_zeros"], n)
     y = y.to(x2.dtype)
