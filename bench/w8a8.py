@@ -24,6 +24,7 @@ by the file's stem.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -82,16 +83,19 @@ def breakdown(w8: W8A8Linear, xb: torch.Tensor) -> dict:
     q8, xs = K.quantize_per_token(xb)
     qu, _ = K.quantize_per_token(xb, offset=128)
     ws = w8.weight_scale.reshape(-1)
-    out["gemm_int_mm_ms"] = median_ms(lambda: torch._int_mm(q8, w8.weight.t()))
+    if K._has_vnni():  # elsewhere torch._int_mm is a scalar loop (minutes at this size)
+        out["gemm_int_mm_ms"] = median_ms(lambda: torch._int_mm(q8, w8.weight.t()))
     if "onednn" in K.int8_available_backends(prep):
         out["gemm_onednn_ms"] = median_ms(lambda: K._run_onednn(qu, prep, ws, w8.out_features))
-    acc = torch._int_mm(q8, w8.weight.t())
+    if "avx2" in K.int8_available_backends(prep):
+        out["gemm_avx2_ms"] = median_ms(lambda: K._avx2_ext().i8_gemm(q8, prep["i8_avx2_weight"]))
+    acc = K._run_fp32(q8, w8.weight)  # the int32 accumulator (exact) the epilogue reads
     out["epilogue_ms"] = median_ms(lambda: K._epilogue(acc, xs, ws, None, torch.bfloat16))
     return out
 
 
 @torch.inference_mode()
-def layer_speed(shapes, ms=(1, 128, 512)) -> list[dict]:
+def layer_speed(shapes, ms=(1, 128, 512), bf16: bool = True) -> list[dict]:
     rows = []
     for k, n in shapes:
         lin = torch.nn.Linear(k, n, bias=False)
@@ -100,38 +104,55 @@ def layer_speed(shapes, ms=(1, 128, 512)) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k)
             xb = x.bfloat16()
-            row = {"K": k, "N": n, "M": m,
+            row = {"K": k, "N": n, "M": m, "backend": _kernels().select_int8_backend(w8._prepared(), m=m),
                    "fp32_ms": median_ms(lambda: F.linear(x, lin.weight)),
-                   "bf16_ms": median_ms(lambda: F.linear(xb, wb)),
-                   "w8a8_bf16_ms": median_ms(lambda: w8(xb))}
-            row["speedup_vs_bf16"] = row["bf16_ms"] / row["w8a8_bf16_ms"]
+                   "w8a8_fp32_ms": median_ms(lambda: w8(x))}
+            if bf16:
+                row["bf16_ms"] = median_ms(lambda: F.linear(xb, wb))
+                row["w8a8_bf16_ms"] = median_ms(lambda: w8(xb))
+                row["speedup_vs_bf16"] = row["bf16_ms"] / row["w8a8_bf16_ms"]
+            # where bf16 GEMMs are slow (CPUs without AVX512-BF16) float32 is the baseline that counts
+            row["speedup_vs_fp32"] = row["fp32_ms"] / row["w8a8_fp32_ms"]
             rows.append(row)
-            print(f"  {k}x{n} M={m}: fp32 {row['fp32_ms']:.2f} ms, bf16 {row['bf16_ms']:.2f} ms, "
-                  f"W8A8 {row['w8a8_bf16_ms']:.2f} ms ({row['speedup_vs_bf16']:.2f}x bf16)", flush=True)
+            print(f"  {k}x{n} M={m}: fp32 {row['fp32_ms']:.2f} ms"
+                  + (f", bf16 {row['bf16_ms']:.2f} ms" if bf16 else "") + f", W8A8 ({row['backend']})"
+                  + (f" bf16 in/out {row['w8a8_bf16_ms']:.2f} ms ({row['speedup_vs_bf16']:.2f}x bf16)," if bf16 else "")
+                  + f" fp32 in/out {row['w8a8_fp32_ms']:.2f} ms ({row['speedup_vs_fp32']:.2f}x fp32)", flush=True)
             if m == max(ms):
-                b = row["breakdown"] = breakdown(w8, xb)
+                b = row["breakdown"] = breakdown(w8, xb if bf16 else x)
                 print(f"    M={m} parts ({b['backend']}): quantize x {b['quant_ms']:.2f} ms (torch ops "
-                      f"{b['quant_torch_ms']:.2f}), GEMM alone: _int_mm {b['gemm_int_mm_ms']:.2f} ms"
+                      f"{b['quant_torch_ms']:.2f}), GEMM alone:"
+                      + (f" _int_mm {b['gemm_int_mm_ms']:.2f} ms" if "gemm_int_mm_ms" in b else "")
                       + (f", oneDNN u8 {b['gemm_onednn_ms']:.2f} ms" if "gemm_onednn_ms" in b else "")
+                      + (f" AVX2 {b['gemm_avx2_ms']:.2f} ms" if "gemm_avx2_ms" in b else "")
                       + f", epilogue {b['epilogue_ms']:.2f} ms", flush=True)
     return rows
 
 
 @torch.inference_mode()
-def prefill_speed(src, recipe: str, calib, tokens: int = 512) -> dict:
-    fp = lowbit.load(src).to(torch.bfloat16)
+def prefill_speed(src, recipe: str, calib, tokens: int = 512, bf16: bool = True) -> dict:
     ids = torch.randint(100, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
-    t_fp = median_ms(lambda: fp(ids), reps=5)
-    del fp
-    q = lowbit.quantize(lowbit.load(src), recipe, calib, progress=False).to(torch.bfloat16)
+    fp = lowbit.load(src)
+    t_fp32 = median_ms(functools.partial(fp, ids), reps=3)
+    t_fp = median_ms(functools.partial(fp.to(torch.bfloat16), ids), reps=3) if bf16 else float("nan")
+    fp = None
+    q = lowbit.quantize(lowbit.load(src), recipe, calib, progress=False)
+    t_q32 = median_ms(functools.partial(q, ids), reps=3)  # float32 activations around the int8 GEMMs
+    if not bf16:
+        return {"tokens": tokens, "recipe": recipe, "fp32_ms": t_fp32, "w8a8_fp32_ms": t_q32,
+                "fp32_tok_s": tokens / t_fp32 * 1e3, "w8a8_fp32_tok_s": tokens / t_q32 * 1e3,
+                "speedup_vs_fp32": t_fp32 / t_q32}
+    q = q.to(torch.bfloat16)
     fused = act_quant_norm.fused_norms(q)
-    t_q = median_ms(lambda: q(ids), reps=5)
+    t_q = median_ms(lambda: q(ids), reps=3)
     for name in fused:  # the same model with every linear quantizing its own input
         act_quant_norm.detach(q.get_submodule(name))
-    t_unfused = median_ms(lambda: q(ids), reps=5)
+    t_unfused = median_ms(lambda: q(ids), reps=3)
     return {"tokens": tokens, "bf16_ms": t_fp, "w8a8_ms": t_q, "bf16_tok_s": tokens / t_fp * 1e3,
             "w8a8_tok_s": tokens / t_q * 1e3, "speedup": t_fp / t_q, "recipe": recipe,
-            "fused_norms": len(fused), "w8a8_unfused_ms": t_unfused, "w8a8_unfused_tok_s": tokens / t_unfused * 1e3}
+            "fused_norms": len(fused), "w8a8_unfused_ms": t_unfused, "w8a8_unfused_tok_s": tokens / t_unfused * 1e3,
+            "fp32_ms": t_fp32, "w8a8_fp32_ms": t_q32, "fp32_tok_s": tokens / t_fp32 * 1e3,
+            "w8a8_fp32_tok_s": tokens / t_q32 * 1e3, "speedup_vs_fp32": t_fp32 / t_q32}
 
 
 def main() -> None:
@@ -144,6 +165,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated presets")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="time float32 only (on CPUs without AVX512-BF16 torch's bf16 GEMM is a scalar loop, and "
+                         "its timings take most of the run)")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "w8a8"))
     ap.add_argument("--ref-logits", default=None, metavar="FILE",
                     help="keep the float model's logits on the windows in FILE (SmolLM2 40 x 512: 4 GB; Gemma-3: "
@@ -184,14 +208,21 @@ def main() -> None:
         cfg = lowbit.load(resolve_model_path(a.model)).config
         shapes = [(4096, 4096), (4096, 11008), (cfg.hidden_size, cfg.intermediate_size)]
         print(f"\nlayer speed ({torch.get_num_threads()} threads; W8A8 = per-token int8 quantization of x + "
-              f"int8 GEMM + epilogue, bf16 in and out)")
-        result["layers"] = layer_speed(shapes)
-        p = prefill_speed(resolve_model_path(a.model), "w8a8-sq-o1", calib)
+              f"int8 GEMM + epilogue, {'float32 in and out' if a.no_bf16 else 'in and out in bf16, then in float32'})")
+        result["layers"] = layer_speed(shapes, bf16=not a.no_bf16)
+        p = prefill_speed(resolve_model_path(a.model), "w8a8-sq-o1", calib, bf16=not a.no_bf16)
         result["prefill"] = p
+        if a.no_bf16:
+            print(f"\nprefill of {p['tokens']} tokens, whole model, float32: {p['fp32_ms']:.0f} ms ({p['fp32_tok_s']:.0f} "
+                  f"tok/s) against W8A8 sq-o1 {p['w8a8_fp32_ms']:.0f} ms ({p['w8a8_fp32_tok_s']:.0f} tok/s): "
+                  f"{p['speedup_vs_fp32']:.2f}x")
+    if not a.no_speed and not a.no_bf16:
         print(f"\nprefill of {p['tokens']} tokens, whole model: bf16 {p['bf16_ms']:.0f} ms "
               f"({p['bf16_tok_s']:.0f} tok/s), W8A8 sq-o1 in bf16 {p['w8a8_ms']:.0f} ms "
               f"({p['w8a8_tok_s']:.0f} tok/s): {p['speedup']:.2f}x; without the {p['fused_norms']} norm-fused "
-              f"quantizations {p['w8a8_unfused_ms']:.0f} ms ({p['w8a8_unfused_tok_s']:.0f} tok/s)")
+              f"quantizations {p['w8a8_unfused_ms']:.0f} ms ({p['w8a8_unfused_tok_s']:.0f} tok/s); in float32: "
+              f"{p['fp32_ms']:.0f} ms ({p['fp32_tok_s']:.0f} tok/s) against W8A8 {p['w8a8_fp32_ms']:.0f} ms "
+              f"({p['w8a8_fp32_tok_s']:.0f} tok/s): {p['speedup_vs_fp32']:.2f}x")
     if a.json:
         write_json(a.json, result)
 
