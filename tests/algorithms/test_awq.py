@@ -477,3 +477,22 @@ def test_gqa_tied_value_scale_search_is_scored_and_beats_rtn(monkeypatch):
         torch.testing.assert_close(s.view(-1, n_rep, hd), s.view(-1, n_rep, hd)[:, :1].expand(-1, n_rep, hd))
     err = {n: float((logits(m, ids) - ref).norm() / ref.norm()) for n, m in (("awq", model), ("rtn", rtn))}
     assert err["awq"] < err["rtn"], err
+
+
+def test_attention_tokens_size_the_attention_objective_apart_from_the_mlp(monkeypatch):
+    import lowbit.algorithms.awq as awq_mod
+
+    asked = []
+    real = awq_mod.subsample_inputs
+
+    def spy(inspect, xs, kwargs, max_tokens):
+        asked.append((type(inspect).__name__, max_tokens))
+        return real(inspect, xs, kwargs, max_tokens)
+
+    monkeypatch.setattr(awq_mod, "subsample_inputs", spy)
+    model = outlier_llama()
+    lowbit.quantize(model, awq_recipe(bits=4, output_tokens=48, attention_tokens=96), calib_ids(n=4, length=32),
+                    progress=False)
+    assert asked and set(asked) == {("LlamaAttention", 96), ("LlamaMLP", 48)}
+    assert AWQ(QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32)),
+               attention_tokens=96).config()["attention_tokens"] == 96

@@ -39,6 +39,11 @@ Where this departs from AutoAWQ, and why:
   products run in bf16, summed in float32 (`stats_dtype`).
 - `clip_mode`: "abs" is AutoAWQ's clamp to +-r max|w|; "range" and "asym" shrink the lower and
   upper ends of an asymmetric group's range (by one ratio, or each by its own), see CLIP_MODES.
+- `attention_tokens` sets the attention objective's tokens apart from the MLP's (`output_tokens`).
+  On the AVX2 machine (SmolLM2 W4 g64, 8 x 512, validation ppl of bench/awq_valid.py) neither more
+  attention sequences nor more MLP tokens beat the preset's 28.72: attention 1024 28.77, MLP 1024
+  28.72, both 1024 28.75 (100-118 s against 67 s); nor did "refine" with the whole calibration
+  (top 6 of 2048 tokens 28.79, top 4 of 4096 28.86). Differences this size are the search's noise.
 - `duo_scaling="both"` is llm-compressor's grid (half the points without w_mean, the identity
   among them); `grid_stride` > 1 scores a coarse subset of the grid at the module's output, then
   the points around its best.
@@ -624,7 +629,7 @@ class AWQ(Algorithm):
                  loss_dtype: str = "bfloat16", objective: str = "output", refine_topk: int = 3,
                  output_tokens: int | None = 512, output_dtype: str = "bfloat16", clip_mode: str = "abs",
                  stats_dtype: str = "bfloat16", forward_dtype: str = "float32", grid_stride: int = 1,
-                 propagate: str = "float", tie_gqa: bool = False):
+                 propagate: str = "float", tie_gqa: bool = False, attention_tokens: int | None = None):
         self.spec = spec
         # v -> o under grouped-query attention (which AutoAWQ and llm-compressor skip): one scale per
         # value channel, shared by the o_proj columns of the query heads that read it
@@ -666,6 +671,8 @@ class AWQ(Algorithm):
         self.refine_topk = int(refine_topk)
         # the "output" objective's cost: tokens it runs through the module, and the dtype it runs in
         self.output_tokens = None if output_tokens is None else int(output_tokens)
+        # the same for modules that mix tokens (attention), which take whole sequences; None: output_tokens
+        self.attention_tokens = None if attention_tokens is None else int(attention_tokens)
         self.output_dtype = output_dtype
         # > 1: the module-output objective scores every grid_stride-th grid point, then the points
         # around the best (search_best_scale_output's `coarse`); 1 scores all, as AutoAWQ
@@ -758,8 +765,11 @@ class AWQ(Algorithm):
                 if self.objective == "refine":
                     _, proxy = search_best_scale(weights, stats, self.spec, self.n_grid, self.duo_scaling, loss_dtype)
                     idx = proxy.argsort()[: self.refine_topk]
+                tokens = self.output_tokens
+                if self.attention_tokens is not None and _takes_block_kwargs(pair.inspect):
+                    tokens = self.attention_tokens
                 xs, kwargs = subsample_inputs(pair.inspect, self._raw[pair.linear_names[0]],
-                                              [ctx.kwargs(c) for c in ctx.chunks], self.output_tokens)
+                                              [ctx.kwargs(c) for c in ctx.chunks], tokens)
                 stride = self.grid_stride if self.objective == "output" and self.duo_scaling != "both" else 1
                 best, out_losses = search_best_scale_output(list(pair.linears), pair.inspect, xs, kwargs,
                                                             cand[idx], self.spec, output_dtype,
@@ -830,4 +840,5 @@ class AWQ(Algorithm):
                 "loss_dtype": self.loss_dtype, "objective": self.objective, "refine_topk": self.refine_topk,
                 "output_tokens": self.output_tokens, "output_dtype": self.output_dtype, "clip_mode": self.clip_mode,
                 "stats_dtype": self.stats_dtype, "forward_dtype": str(self.forward_dtype).replace("torch.", ""),
-                "grid_stride": self.grid_stride, "propagate": self.propagate, "tie_gqa": self.tie_gqa}
+                "grid_stride": self.grid_stride, "propagate": self.propagate, "tie_gqa": self.tie_gqa,
+                "attention_tokens": self.attention_tokens}
