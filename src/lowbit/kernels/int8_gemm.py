@@ -33,10 +33,10 @@ Backends, all exact in int32:
   error on random codes): there the integer GEMM runs at float32 GEMM speed, no faster.
 - ``avx2``: lowbit's own AVX2 kernel (``_i8_cpp``: ``vpmaddubsw`` on |w| and sign(w) x, exact for
   activation codes in [-127, 127], which the quantizers here give), ``auto``'s choice on CPUs
-  without VNNI at every token count. It
-  reads the weight at one byte a value where ``fp32`` first widens it to four: one thread, 4096 x
-  4096, quantization and epilogue included, M=1 1.6 ms against 19.7 ms (``fp32``) and 5.1 ms
-  (float32 ``F.linear``); M=128 69 against 126 and 107 ms; M=512 316 against 396 and 333 ms.
+  without VNNI at every token count. It reads the weight at one byte a value where ``fp32`` first
+  widens it to four. W8A8Linear on 4096 x 4096, one thread, quantization and epilogue included
+  (bench/w8a8.py, bench/RESULTS.md): M=1 1.80 ms against 53.95 (``fp32``) and 6.62 (float32
+  ``F.linear``); M=128 63.0 against 146.5 and 118.1; M=512 232.5 against 456.7 and 335.6.
   Activation codes holding -128 (lowbit's quantizers never give it) go to ``fp32`` for that call.
 
 ``prepare_int8`` builds what the backends need once from the canonical ``[N, K]`` int8 weight;

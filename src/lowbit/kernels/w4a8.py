@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from lowbit.errors import SpecError
-from lowbit.kernels.int8_gemm import BACKEND_ENV, BACKENDS, int8_gemm, int8_gemm_ref, prepare_int8
+from lowbit.kernels.int8_gemm import BACKEND_ENV, BACKENDS, _has_vnni, int8_gemm, int8_gemm_ref, prepare_int8
 from lowbit.kernels._dispatch import forced_backend
 
 __all__ = ["GROUP_SCALE_MAX", "INT4_MAX", "INT4_MIN", "unpack_int4", "w4a8_int8_weight", "w4a8_gemm",
@@ -63,9 +63,12 @@ def w4a8_int8_weight(qweight: torch.Tensor, k: int, group_scale: torch.Tensor | 
 
 def _prepared(w8: torch.Tensor, backend: str) -> Mapping[str, torch.Tensor]:
     # oneDNN needs a prepacked weight, which per call would cost more than it saves; it is built
-    # only when that backend is asked for explicitly (argument or LOWBIT_INT8_BACKEND)
+    # only when that backend is asked for explicitly (argument or LOWBIT_INT8_BACKEND). The AVX2
+    # kernel reads the int8 weight as it is: asked for, or on CPUs without VNNI (as prepare_int8's auto)
     forced = forced_backend("w4a8", backend, BACKEND_ENV, BACKENDS, BACKENDS)
-    return prepare_int8(w8, backends=("onednn",) if forced == "onednn" else ("avx2",))
+    if forced == "onednn":
+        return prepare_int8(w8, backends=("onednn",))
+    return prepare_int8(w8, backends=("avx2",) if forced == "avx2" or not _has_vnni() else ())
 
 
 def w4a8_gemm(qx: torch.Tensor, x_scale, qweight: torch.Tensor, k: int, w_scale,

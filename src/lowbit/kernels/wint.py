@@ -113,8 +113,9 @@ INT4PACK_MAX_M_NIBBLES = 96
 INT8PACK_MAX_M = 8
 # nib (AVX2 CPUs) against float32 F.linear, g64, 1 thread, process CPU time, 2-core AMD EPYC with AVX2
 # alone: 4096x4096 M=1 0.87 / 3.82 ms, 4096x11008 M=1 2.90 / 11.15 (bench/out/kernels_avx2_s17.json).
-# Against the dequant path that reads its nibbles (nib_dequant + float32 GEMM per chunk), ms
-# (logs of one session, same conditions; int4pack was slower than nib at every M up to 64):
+# Against the dequant path that reads its nibbles (nib_dequant + float32 GEMM per chunk; at M=8 its
+# torch-ops version), ms, one session, same conditions (bench/RESULTS.md, W4 on the AVX2 machine);
+# int4pack was slower than nib at 8, 32 and 64 tokens:
 #                    M=8          M=32         M=64          M=512
 #   4096x4096        8.2 / 38.9   24.3 / 44.9  38.8 / 77.5   447 / 304
 #   4096x11008       17.9 / 84.7  72.5 / 98.7  116.8 / 168.6 1226 / 848          -> 64
@@ -543,7 +544,7 @@ def _dequant_linear_codes(xb, codes, scales, offset):
 
 def _dequant_linear_nib(xb, packed, scales, offset):
     """[M, N] in xb's dtype from nib's nibbles [N, K / 2] and float32 scales and offsets [N, K // G]
-    (W = q * scale + offset), one L2-sized chunk of rows at a time in one reused buffer."""
+    (W = q * scale + offset), one chunk of rows at a time in one reused float32 buffer."""
     n, k = packed.shape[0], packed.shape[1] * 2
     ng = scales.shape[1]
     rows = min(n, _chunk_rows(k, 16))
