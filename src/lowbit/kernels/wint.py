@@ -511,21 +511,30 @@ def _chunk_rows(k: int, align: int) -> int:
     return rows
 
 
-def _chunked_codes_linear(xb, codes, fill=None):
-    """[M, N] = x @ W^T in xb's dtype, W made from int8 codes [N, K] one L2-sized chunk of rows at a
-    time in one reused buffer; `fill(w, n0, n1)` turns a chunk of codes into weights in place."""
-    n, k = codes.shape
-    rows = min(n, _chunk_rows(k, 16))
-    buf = torch.empty(rows, k, dtype=xb.dtype)
+def _chunked_linear(xb, n, k, buf, fill):
+    """[M, N] = x @ W^T in xb's dtype, W made one chunk of rows at a time in `buf` (flat, a whole
+    number of rows of k): `fill(w, n0, n1)` writes rows n0..n1 of W into w `[n1 - n0, k]`."""
+    rows = buf.numel() // k
     outs = []
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
-        w = buf[: n1 - n0]
+        w = buf[: (n1 - n0) * k].view(n1 - n0, k)
+        fill(w, n0, n1)
+        outs.append(F.linear(xb, w.to(xb.dtype)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _chunked_codes_linear(xb, codes, fill=None):
+    """`_chunked_linear` with W made from int8 codes [N, K], one L2-sized chunk of rows at a time;
+    `fill(w, n0, n1)` turns a chunk of codes into weights in place."""
+    n, k = codes.shape
+
+    def from_codes(w, n0, n1):
         w.copy_(codes[n0:n1])
         if fill is not None:
             fill(w, n0, n1)
-        outs.append(F.linear(xb, w))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    return _chunked_linear(xb, n, k, torch.empty(min(n, _chunk_rows(k, 16)) * k, dtype=xb.dtype), from_codes)
 
 
 def _dequant_linear_codes(xb, codes, scales, offset):
@@ -547,23 +556,19 @@ def _dequant_linear_nib(xb, packed, scales, offset):
     (W = q * scale + offset), one chunk of rows at a time in one reused float32 buffer."""
     n, k = packed.shape[0], packed.shape[1] * 2
     ng = scales.shape[1]
-    rows = min(n, _chunk_rows(k, 16))
-    buf = _workspace(rows * k, torch.float32)
     ext = _nib_cpp.load()
-    outs = []
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
+
+    def from_nibbles(w, n0, n1):
         if ext is not None:  # one pass (the torch ops below take four and ran 12% slower at M=512)
-            ext.nib_dequant(packed, scales, offset, k // ng, n0, n1, buf)
-            w = buf[: (n1 - n0) * k]
-        else:
-            src = packed[n0:n1].view(n1 - n0, k // 32, 16)  # byte i of a run: codes i and i + 16
-            w = buf[: (n1 - n0) * k].view(n1 - n0, k // 32, 2, 16)
-            torch.bitwise_and(src, 15, out=w[:, :, 0])
-            torch.bitwise_right_shift(src, 4, out=w[:, :, 1])
-            w.view(n1 - n0, ng, k // ng).mul_(scales[n0:n1, :, None]).add_(offset[n0:n1, :, None])
-        outs.append(F.linear(xb, w.view(n1 - n0, k).to(xb.dtype)))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            ext.nib_dequant(packed, scales, offset, k // ng, n0, n1, w)
+            return
+        src = packed[n0:n1].view(n1 - n0, k // 32, 16)  # byte i of a run: codes i and i + 16
+        w4 = w.view(n1 - n0, k // 32, 2, 16)
+        torch.bitwise_and(src, 15, out=w4[:, :, 0])
+        torch.bitwise_right_shift(src, 4, out=w4[:, :, 1])
+        w.view(n1 - n0, ng, k // ng).mul_(scales[n0:n1, :, None]).add_(offset[n0:n1, :, None])
+
+    return _chunked_linear(xb, n, k, _workspace(min(n, _chunk_rows(k, 16)) * k, torch.float32), from_nibbles)
 
 
 def _codes_linear_per_channel(xb, codes, scales, offset):

@@ -40,9 +40,9 @@ from ..quant import (PerChannel, PerGroup, PerTensor, PerToken, QParams, QuantSp
                      choose_qparams, fake_quantize, grad_scale, lsq_grad_factor, quantize, straight_through)
 from ..kernels.int8_gemm import fake_quantize_per_token
 from ..kernels.w4a8 import GROUP_SCALE_MAX
-from ..quant.primitives import SCALE_EPS
+from ..quant.primitives import SCALE_EPS, fp16_scale
 from .w4a8_linear import W4A8Linear
-from .wq_linear import WQLinear, fp16_scale
+from .wq_linear import WQLinear
 
 __all__ = ["FakeQuantize", "FakeQuantLinear", "is_int8_per_token"]
 

@@ -40,7 +40,7 @@ from torch import nn
 from .. import kernels
 from ..errors import SpecError
 from ..quant import check_group_size, pack, unpack
-from .wq_linear import fp16_scale
+from ..quant.primitives import fp16_scale
 
 INT16_MAX = 2**15 - 1
 

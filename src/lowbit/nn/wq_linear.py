@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import InvalidWeightsError, SpecError
-from ..quant.primitives import fp16_scale  # noqa: F401  (its home was here; importers use this name)
+from ..quant.primitives import fp16_scale
 from ..quant import (PerChannel, PerGroup, QuantSpec, check_group_size, choose_qparams, pack, quantize,
                      unpack)
 
