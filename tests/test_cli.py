@@ -171,3 +171,15 @@ def test_formats_refuse_recipes_before_any_work(tmp_path, tiny_dir, capsys, fmt,
                        "--format", fmt, "--out", tmp_path / "q")
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "q").exists()
+
+
+def test_float_dtype_option(tmp_path, tiny_dir, capsys):
+    code, _, err = run(capsys, "quantize", tiny_dir, "--recipe", "w4a16-rtn", "--group-size", "32",
+                       "--format", "gptq", "--float-dtype", "bfloat16", "--out", tmp_path / "g")
+    assert_one_line_error(code, err, r"--float-dtype applies to --format lowbit")
+    assert not (tmp_path / "g").exists()
+    code, _, err = run(capsys, "quantize", tiny_dir, "--recipe", "w4a16-rtn", "--group-size", "32",
+                       "--float-dtype", "bfloat16", "--out", tmp_path / "q")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["float_dtype"] == "bfloat16"

@@ -42,11 +42,14 @@ def load(name_or_path: str | Path, *, device: str | torch.device = "cpu",
 
 
 def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", version: str | None = None,
-         tokenizer=None, overwrite: bool = False) -> Path:
+         tokenizer=None, overwrite: bool = False, float_dtype: str | torch.dtype | None = None) -> Path:
     """`format`: "lowbit", "awq" (AutoAWQ; `version` "gemm", the default, or "gemv"), "gptq" (GPTQ v1:
-    GPTQModel, vLLM, transformers) or "compressed-tensors" (pack-quantized: vLLM, llm-compressor)."""
+    GPTQModel, vLLM, transformers) or "compressed-tensors" (pack-quantized: vLLM, llm-compressor).
+    `float_dtype` ("bfloat16", "float16"; lowbit format only) stores the unquantized tensors (embeddings,
+    norms, lm_head) in that dtype: half the bytes; they are cast back to the model's dtype on load."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "lowbit_tokenizer", None)
-    return formats.save(model, out_dir, format=format, version=version, tokenizer=tokenizer, overwrite=overwrite)
+    return formats.save(model, out_dir, format=format, version=version, tokenizer=tokenizer, overwrite=overwrite,
+                        float_dtype=float_dtype)
 
 
 def quantize(model: nn.Module | str | Path, recipe: str | Path | Recipe = "w4a16-rtn",

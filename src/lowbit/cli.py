@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPTQ v1 (2/3/4/8-bit; GPTQModel, vLLM, transformers); compressed-tensors pack-quantized "
                         "(no act-order; vLLM, llm-compressor)")
     q.add_argument("--awq-version", default="gemm", choices=["gemm", "gemv"], help="AutoAWQ layout (--format awq)")
+    q.add_argument("--float-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="store the unquantized tensors (embeddings, norms, lm_head) in this dtype (--format lowbit; "
+                        "default: the model's own)")
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--device", default=None)
 
@@ -150,13 +153,15 @@ def cmd_quantize(a) -> None:
     if a.calib is not None and not Path(a.calib).is_file():
         raise LowbitError(f"calibration file {a.calib} does not exist")
     check_recipe_fits_format(recipe, a.format)  # before minutes of work, not after
+    if a.float_dtype is not None and a.format != "lowbit":
+        raise LowbitError(f"--float-dtype applies to --format lowbit; {a.format} checkpoints store fp16")
     t0 = time.perf_counter()
     model = api.load(a.model)
     src = calib.text_file(a.calib) if a.calib else None
     api.quantize(model, recipe, src, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, device=a.device)
     elapsed = time.perf_counter() - t0
     api.save(model, out, format=a.format, version=a.awq_version if a.format == "awq" else None,
-             overwrite=a.overwrite)
+             overwrite=a.overwrite, float_dtype=a.float_dtype)
     print(f"quantized {a.model} with {recipe.name} in {elapsed:.1f} s -> {out} ({a.format} format)")
 
 

@@ -125,3 +125,52 @@ def test_act_order_layers_round_trip_bit_for_bit(tmp_path):
             assert torch.equal(lm.g_idx(), m.g_idx())
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float_dtype_halves_the_unquantized_tensors(tmp_path, dtype):
+    """float_dtype stores embeddings, norms and lm_head in 16 bits (the packed modules' tensors as they
+    are) and loading computes in the model's float32 again, from those rounded values."""
+    from safetensors import safe_open
+
+    model = quantized("llama", "w8a8-sq-o1", calib=torch.randint(0, 256, (2, 16)))
+    full = lowbit.save(model, tmp_path / "full")
+    half = lowbit.save(model, tmp_path / "half", float_dtype=dtype)
+    cfg = json.loads((half / "config.json").read_text())
+    assert cfg["quantization_config"]["float_dtype"] == dtype and cfg["dtype"] == "float32"
+    packed = tuple(f"{n}." for n in cfg["quantization_config"]["modules"])
+    with safe_open(str(half / "model.safetensors"), "pt") as h, safe_open(str(full / "model.safetensors"), "pt") as f:
+        assert set(h.keys()) == set(f.keys())
+        for k in h.keys():
+            a, b = h.get_tensor(k), f.get_tensor(k)
+            if k.startswith(packed) or not b.is_floating_point():
+                assert torch.equal(a, b), k  # codes, scales and biases untouched
+            else:
+                assert a.dtype == getattr(torch, dtype) and torch.equal(a, b.to(a.dtype)), k
+    # the dtype config.json names is what the model computes in; the tensors are the rounded ones
+    want = model
+    sd = want.state_dict()
+    for k in list(sd):
+        if not k.startswith(packed) and sd[k].is_floating_point():
+            sd[k] = sd[k].to(getattr(torch, dtype)).float()
+    want.load_state_dict(sd)
+    loaded = lowbit.load(half)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want(ids).logits, rtol=0, atol=0)
+    assert (half / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
+
+
+def test_float_dtype_errors(tmp_path):
+    model = quantized()
+    with pytest.raises(CheckpointError, match="float_dtype must be one of"):
+        lowbit.save(model, tmp_path / "a", float_dtype="int8")
+    with pytest.raises(CheckpointError, match="format='lowbit' only"):
+        lowbit.save(model, tmp_path / "b", format="gptq", float_dtype="float16")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = 1e6  # beyond float16
+    with pytest.raises(lowbit.errors.InvalidWeightsError, match="float16"):
+        lowbit.save(model, tmp_path / "c", float_dtype="float16")
+    assert not (tmp_path / "c").exists()

@@ -17,9 +17,14 @@ FORMATS = ("lowbit", "awq", "gptq", "compressed-tensors")
 
 
 def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", version: str | None = None,
-         tokenizer=None, overwrite: bool = False) -> Path:
+         tokenizer=None, overwrite: bool = False, float_dtype: str | torch.dtype | None = None) -> Path:
     """`format`: "lowbit", "awq", "gptq" or "compressed-tensors"; `version` picks the AutoAWQ layout
-    ("gemm", the default, or "gemv") with format="awq"."""
+    ("gemm", the default, or "gemv") with format="awq". `float_dtype` (lowbit format only: the other
+    formats store fp16, as their loaders expect) stores the tensors outside the packed modules in
+    float32, bfloat16 or float16."""
+    if float_dtype is not None and format != "lowbit":
+        raise CheckpointError(f"float_dtype applies to format='lowbit' only; {format!r} checkpoints store their "
+                              f"float tensors in the dtype their loaders expect")
     if format == "awq":
         return awq.save(model, out_dir, version=version or "gemm", tokenizer=tokenizer, overwrite=overwrite)
     if format not in FORMATS:
@@ -35,7 +40,7 @@ def save(model: nn.Module, out_dir: str | Path, *, format: str = "lowbit", versi
         return compressed_tensors.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
     # lowbit's format stores WQLinear; a model read from an AWQ checkpoint converts losslessly
     with awq.wqlinear_modules(model):
-        return native.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+        return native.save(model, out_dir, tokenizer=tokenizer, overwrite=overwrite, float_dtype=float_dtype)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> nn.Module:

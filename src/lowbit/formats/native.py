@@ -7,6 +7,9 @@
     model.safetensors  every tensor of the model; packed modules contribute qweight/scales/qzeros.
 
 Per-module entries (not one global setting) so mixed-precision models describe themselves.
+`float_dtype` (optional) records that the tensors outside the packed modules (embeddings, norms, an
+unquantized lm_head) were stored in that dtype to halve them; loading casts them back to the dtype
+config.json names, the one the model computes in.
 `norm_act_quant` (optional) lists the norms that quantize their output once for the W8A8 linears
 reading it (lowbit.nn.act_quant_norm); a run-time link with no tensors of its own, re-attached on load.
 """
@@ -81,8 +84,24 @@ def module_from_config(c: dict, name: str) -> nn.Module:
                     act_order=bool(c.get("act_order", False)), name=name)
 
 
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def float_dtype_of(name: str | torch.dtype | None) -> torch.dtype | None:
+    """None, or one of FLOAT_DTYPES by name or as a torch dtype; anything else is refused."""
+    if name is None or isinstance(name, torch.dtype) and name in FLOAT_DTYPES.values():
+        return name
+    key = str(name).replace("torch.", "")
+    if key not in FLOAT_DTYPES:
+        raise CheckpointError(f"float_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {name!r}")
+    return FLOAT_DTYPES[key]
+
+
 def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bool = False,
-         recipe: dict | None = None) -> Path:
+         recipe: dict | None = None, float_dtype: str | torch.dtype | None = None) -> Path:
+    """`float_dtype`: the dtype of the tensors outside the packed modules (None: as the model holds
+    them); the packed modules' own tensors (codes, scales, biases) are stored as they are."""
+    float_dtype = float_dtype_of(float_dtype)
     qmods = quantized_modules(model)
     qcfg = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
             "recipe": recipe or getattr(model, "lowbit_recipe", None),
@@ -91,6 +110,11 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer=None, overwrite: bo
     if fused:
         qcfg["norm_act_quant"] = fused
     state = untied_state_dict(model)
+    if float_dtype is not None:
+        packed = tuple(f"{n}." for n in qmods)
+        state = {k: v if k.startswith(packed) else to_save_dtype(k, v, float_dtype, "these")
+                 for k, v in state.items()}
+        qcfg["float_dtype"] = str(float_dtype).replace("torch.", "")
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
     return write_checkpoint(out_dir, model, state, cfg, tokenizer=tokenizer, overwrite=overwrite,
