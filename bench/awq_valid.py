@@ -1,5 +1,5 @@
-"""One AWQ (or RTN) run on SmolLM2-135M, scored on held-out validation windows: for choosing AWQ
-settings without looking at the test set.
+"""One AWQ (or RTN, or any recipe's) run on SmolLM2-135M, scored on held-out validation windows: for
+choosing settings without looking at the test set.
 
 Quantizes with the w4a16-awq recipe at --bits / --group-size, the AWQ step's options overridden by
 KEY=VALUE arguments (values parsed as JSON, so strings need quotes: clip_mode='"asym"'), calibrated
@@ -11,8 +11,15 @@ quantize call and prints the AWQ phase times (`AWQ.last_timings`), then the perp
   same held-out text);
 - test: the WikiText-2 test windows every other figure uses (40 x 512).
 
+(lowbit.calib.text_file's seed-0 draws of 64 samples are the first 64 of the 128: held out from too.)
+
     python bench/awq_valid.py --bits 4 --eval valid [--n-samples 8] [--rtn] [--json-lines FILE] \\
         output_tokens=1024 clip_mode='"asym"'
+
+`--recipe` scores another recipe instead (its weight settings as the recipe says; --bits and
+--group-size ignored), the overrides going to its `--step` step:
+
+    python bench/awq_valid.py --recipe w8a8-sq-o1 --step w8a8 --n-samples 64 rounding='"gptq"'
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval", default="valid", help="comma-separated: valid, test")
     ap.add_argument("--rtn", action="store_true", help="round to nearest instead of AWQ")
+    ap.add_argument("--recipe", default=None, help="a preset or YAML to score instead of AWQ")
+    ap.add_argument("--step", default="awq", help="with --recipe: the method whose step takes the overrides")
     ap.add_argument("--json-lines", type=Path, help="append the result row here")
     ap.add_argument("overrides", nargs="*", help="AWQ step options, KEY=JSON_VALUE")
     args = ap.parse_args()
@@ -85,7 +94,17 @@ def main() -> None:
 
     awq_mod.AWQ.__init__ = spy
     t0 = time.perf_counter()
-    if args.rtn:
+    if args.recipe:
+        rec = load_recipe(args.recipe)
+        hit = [i for i, st in enumerate(rec.steps) if st.get("method") == args.step]
+        if kw and not hit:
+            raise SystemExit(f"recipe {args.recipe} has no {args.step!r} step for the overrides")
+        for i in hit:
+            rec.steps[i] = dict(rec.steps[i], **kw)
+        calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen)
+        lowbit.quantize(model, rec, calib=calib, progress=False)
+        name = f"{rec.name} {args.n_samples}x{args.seqlen} {rec.steps}"
+    elif args.rtn:
         lowbit.quantize(model, load_recipe(f"w{args.bits}a16-rtn", group_size=args.group_size), progress=False)
         name = f"rtn w{args.bits} g{args.group_size}"
     else:

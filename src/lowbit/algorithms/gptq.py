@@ -53,7 +53,6 @@ import logging
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from ..calib.stats import add_product_
 from ..kernels import matmul_dtype
@@ -185,9 +184,11 @@ def _one_thread():
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size: int, *, percdamp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
                   clip_grid: int = 0, max_shrink: float = 0.8, C: torch.Tensor | None = None,
-                  asym_calib: float = 0.0) -> dict:
+                  asym_calib: float = 0.0, qparams: tuple | None = None) -> dict:
     """GPTQ on one weight `[out, in]` with Hessian H `[in, in]` (run on one thread, see _one_thread);
     with C (`Hessian.C`) and asym_calib > 0, fitted to the float model's outputs (module docstring).
+    `qparams` (scale `[out, 1]`, zero `[out, 1]` or None) fixes every group's grid beforehand, as
+    static groups do (W8A8's per-tensor and per-channel int8 grids: `lowbit.algorithms.w8a8`).
 
     Returns {"codes" [out, in] float (integer valued, in stored column order), "scales" and
     "zeros" [out, in / G] (zeros None when symmetric), "perm" (LongTensor or None: stored column j is
@@ -195,11 +196,11 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size:
     """
     with _one_thread():
         return _gptq_quantize(w, H, spec, group_size, percdamp, block_size, act_order, static_groups, clip_grid,
-                              max_shrink, C if asym_calib else None, asym_calib)
+                              max_shrink, C if asym_calib else None, asym_calib, qparams)
 
 
 def _gptq_quantize(w, H, spec, group_size, percdamp, block_size, act_order, static_groups, clip_grid, max_shrink,
-                   C, alpha):
+                   C, alpha, qparams=None):
     W = w.detach().float().clone()
     out_f, in_f = W.shape
     if in_f % group_size:
@@ -219,7 +220,12 @@ def _gptq_quantize(w, H, spec, group_size, percdamp, block_size, act_order, stat
 
     n_groups = in_f // group_size
     static = None
-    if static_groups:
+    if qparams is not None:
+        s0, z0 = qparams
+        if s0.shape != (out_f, 1) or (z0 is not None and z0.shape != (out_f, 1)):
+            raise ValueError(f"fixed qparams must be [{out_f}, 1], got {tuple(s0.shape)}")
+        static = [(s0.float(), None if z0 is None else z0.float())] * n_groups
+    elif static_groups:
         static = [group_qparams(W[:, g * group_size : (g + 1) * group_size], spec, clip_grid, max_shrink)
                   for g in range(n_groups)]
 
@@ -355,7 +361,7 @@ class GPTQ(Algorithm):
     def __init__(self, spec: QuantSpec, percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
                  static_groups: bool = False, true_sequential: bool = True, clip_grid: int = 0,
                  max_shrink: float = 0.8, forward_dtype: str = "float32", asym_calib: float = 0.0,
-                 hessian_dtype: str = "float32", cross_dtype: str = "float32"):
+                 hessian_dtype: str = "float32", cross_dtype: str = "float32", weight_qparams=None):
         if spec.is_codebook:
             raise ValueError("GPTQ here rounds onto a uniform grid; codebook (NF4) weights are not supported")
         if not 0 <= percdamp < 1:
@@ -383,6 +389,8 @@ class GPTQ(Algorithm):
                 raise ValueError(f"{key} must be 'float32' or 'bfloat16', got {val!r}")
         self.hessian_dtype = getattr(torch, hessian_dtype)
         self.cross_dtype = getattr(torch, cross_dtype)  # asymmetric calibration's C
+        # (names, stacked weight) -> fixed (scale, zero) `[rows, 1]`, or None: grids chosen as GPTQ goes
+        self.weight_qparams = weight_qparams
 
     def prepare(self, model, adapter) -> None:
         check_weights(model, adapter, self.spec)
@@ -414,8 +422,11 @@ class GPTQ(Algorithm):
                                       name=f"{ctx.name}.{n}")
             set_module(ctx.block, n, mod.to(linear_weight(m).device))
 
-    def _quantize_steps(self, ctx) -> dict:
-        linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, WQLinear)}
+    def _quantize_steps(self, ctx, linears: dict | None = None) -> dict:
+        """Rounds the block's float linears (or those given) in sequential order; returns, per linear,
+        (codes, scales, zeros, perm), with each float linear now holding its rounded weight."""
+        if linears is None:
+            linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, WQLinear)}
         results = {}
         order = sequential_owners(ctx.adapter, linears, self.true_sequential)
         targets = None
@@ -431,7 +442,8 @@ class GPTQ(Algorithm):
                 r = gptq_quantize(w, hs[names[0]].H, self.spec, gs, percdamp=self.percdamp,
                                   block_size=self.block_size, act_order=self.act_order,
                                   static_groups=self.static_groups, clip_grid=self.clip_grid,
-                                  max_shrink=self.max_shrink, C=hs[names[0]].C, asym_calib=self.asym_calib)
+                                  max_shrink=self.max_shrink, C=hs[names[0]].C, asym_calib=self.asym_calib,
+                                  qparams=self.weight_qparams(names, w) if self.weight_qparams else None)
                 rows = [t.shape[0] for t in ws]
                 parts = zip(names, mods, r["codes"].split(rows), r["scales"].split(rows),
                             r["zeros"].split(rows) if r["zeros"] is not None else [None] * len(rows),

@@ -11,6 +11,15 @@ recipe's `weights`); activations are quantized as the recipe's `activations` spe
 
 After SmoothQuant this is SmoothQuant's O1 / O2 / O3; alone it is naive W8A8.
 
+`rounding: gptq` rounds the weights with GPTQ instead of to nearest, on the very same int8 grid (the
+scale is still absmax / 127.5 per channel or per tensor, fixed before any column moves, so the
+checkpoint and the GEMM are unchanged): each code absorbs the output error of the codes before it,
+through the Hessian of the linear's calibration inputs (smoothed, when SmoothQuant ran first).
+llm-compressor's W8A8 recipe does the same (SmoothQuant, then GPTQ at 8 bits). The linears are
+rounded in GPTQ's true-sequential order, each step's Hessian read with the steps before it rounded;
+the activations are still float while the Hessians are read (as in llm-compressor), and the next
+block sees the quantized block's outputs, activation rounding included.
+
 With `fuse_norm` (the default), every norm the adapter pairs with the linears reading its output
 (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up) quantizes that output once for them
 (`lowbit.nn.act_quant_norm`) instead of each linear quantizing the same tensor again; the outputs are
@@ -29,8 +38,10 @@ from ..kernels.int8_gemm import QMAX
 from ..models import get_blocks, block_linears, get_module, linear_weight, resolve_scaling_pairs, set_module
 from ..nn import W8A8Linear
 from ..nn import act_quant_norm
+from ..nn.w8a8_linear import int8_weight
 from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .base import Algorithm
+from .gptq import GPTQ
 
 
 def weight_granularity(spec: QuantSpec) -> str:
@@ -105,16 +116,25 @@ class W8A8(Algorithm):
     name = "w8a8"
     takes_activations = True
 
-    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None, fuse_norm: bool = True):
+    ROUNDINGS = ("nearest", "gptq")
+
+    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None, fuse_norm: bool = True,
+                 rounding: str = "nearest", percdamp: float = 0.01, act_order: bool = True):
         self.spec = spec
         if not isinstance(fuse_norm, bool):
             raise SpecError(f"w8a8: fuse_norm is true or false, got {fuse_norm!r}")
+        if rounding not in self.ROUNDINGS:
+            raise SpecError(f"w8a8: rounding is one of {self.ROUNDINGS}, got {rounding!r}")
+        if not 0 <= float(percdamp) < 1:
+            raise SpecError(f"w8a8: percdamp must be in [0, 1), got {percdamp!r}")
         self.fuse_norm = fuse_norm
+        self.rounding = rounding
+        self.percdamp, self.act_order = float(percdamp), bool(act_order)
         self.activations = activations
         self.weight_granularity = weight_granularity(spec)
         self.act_mode = act_mode(activations)
-        # static scales come from calibration; dynamic ones need no data at all
-        self.requires_calibration = self.act_mode == "static"
+        # static scales and GPTQ's Hessians come from calibration; dynamic rounding to nearest needs no data
+        self.requires_calibration = self.act_mode == "static" or rounding == "gptq"
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
@@ -136,13 +156,45 @@ class W8A8(Algorithm):
                     raise CalibrationError(f"{ctx.name}.{n}: calibration never reached this layer with a non-zero "
                                            f"input; no static scale can be set")
                 scales[n] = stats[n].absmax / QMAX
+        codes = self._gptq_codes(ctx, linears) if self.rounding == "gptq" else {}
         for n, m in linears.items():
-            q = W8A8Linear.from_weight(linear_weight(m), getattr(m, "bias", None),
-                                       weight_granularity=self.weight_granularity, act_mode=self.act_mode,
-                                       input_scale=scales.get(n), name=f"{ctx.name}.{n}")
-            set_module(ctx.block, n, q)
+            kw = dict(weight_granularity=self.weight_granularity, act_mode=self.act_mode,
+                      input_scale=scales.get(n), name=f"{ctx.name}.{n}")
+            if n in codes:
+                q = W8A8Linear.from_codes(*codes[n], getattr(m, "bias", None), **kw)
+            else:
+                q = W8A8Linear.from_weight(linear_weight(m), getattr(m, "bias", None), **kw)
+            set_module(ctx.block, n, q.to(linear_weight(m).device))
         fuse_norm_quantization(ctx.block, pairs)
 
+    def _grid(self, names, w: torch.Tensor):
+        """The fixed int8 grid of GPTQ's stacked weight `w` (the linears `names`, rows in that order):
+        each linear's scale as rounding to nearest would choose it, one per row."""
+        parts, start = [], 0
+        for n in names:
+            r = self._rows[n]
+            _, s = int8_weight(w[start : start + r], self.weight_granularity, n)
+            parts.append(s.reshape(-1, 1).expand(r, 1))
+            start += r
+        return torch.cat(parts), None
+
+    def _gptq_codes(self, ctx, linears: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if not ctx.has_data:
+            raise CalibrationError("w8a8 with GPTQ rounding needs calibration data (the Hessians of the inputs)")
+        self._rows = {n: linear_weight(m).shape[0] for n, m in linears.items()}
+        spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel())
+        gptq = GPTQ(spec, percdamp=self.percdamp, act_order=self.act_order, weight_qparams=self._grid)
+        with ctx.reuse_outputs():
+            results = gptq._quantize_steps(ctx, linears)
+        out = {}
+        for n, (q, s, _z, perm) in results.items():
+            assert perm is None  # fixed grids put the codes back in model order
+            out[n] = (q, s if self.weight_granularity == "channel" else s[:1, 0])
+        return out
+
     def config(self) -> dict:
-        return {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode,
-                "fuse_norm": self.fuse_norm}
+        d = {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode,
+             "fuse_norm": self.fuse_norm, "rounding": self.rounding}
+        if self.rounding == "gptq":
+            d.update(percdamp=self.percdamp, act_order=self.act_order)
+        return d

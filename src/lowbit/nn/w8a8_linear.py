@@ -84,12 +84,27 @@ class W8A8Linear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, weight_granularity: str = "channel",
                     act_mode: str = "per_token", input_scale: torch.Tensor | float | None = None,
                     name: str = "") -> "W8A8Linear":
-        out_f, in_f = weight.shape
+        q, s = int8_weight(weight, weight_granularity, name)
+        return cls.from_codes(q, s, bias, weight_granularity=weight_granularity, act_mode=act_mode,
+                              input_scale=input_scale, name=name)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
+                   weight_granularity: str = "channel", act_mode: str = "per_token",
+                   input_scale: torch.Tensor | float | None = None, name: str = "") -> "W8A8Linear":
+        """From integer codes `[out, in]` (in [-128, 127]) and their scales (`[out, 1]` per channel, one
+        number per tensor), rounded by someone else (GPTQ: `lowbit.algorithms.w8a8`'s `rounding`)."""
+        out_f, in_f = codes.shape
+        codes = codes.detach()
+        if codes.is_floating_point():
+            if not bool((codes == codes.round()).all()):
+                raise SpecError(f"layer {name or '?'}: int8 codes must be integers")
+        if int(codes.min()) < -128 or int(codes.max()) > 127:
+            raise SpecError(f"layer {name or '?'}: int8 codes outside [-128, 127]")
         m = cls(in_f, out_f, weight_granularity=weight_granularity, act_mode=act_mode, bias=bias is not None,
                 bias_dtype=bias.dtype if bias is not None else torch.float32, name=name)
-        q, s = int8_weight(weight, weight_granularity, name)
-        m.weight.copy_(q)
-        m.weight_scale.copy_(s)
+        m.weight.copy_(codes.to(torch.int8))
+        m.weight_scale.copy_(torch.as_tensor(weight_scale, dtype=torch.float32).reshape(m.weight_scale.shape))
         if act_mode == "static":
             if input_scale is None:
                 raise SpecError(f"layer {name or '?'}: static activations need a calibrated input_scale")
@@ -99,7 +114,7 @@ class W8A8Linear(nn.Module):
             m.input_scale.copy_(sc)
         if bias is not None:
             m.bias.copy_(bias.detach())
-        return m.to(weight.device)
+        return m.to(codes.device)
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float weight `[out, in]` this module computes with."""
