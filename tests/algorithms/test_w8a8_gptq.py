@@ -1,5 +1,5 @@
-"""W8A8 with GPTQ rounding: the same int8 grid as rounding to nearest (scales unchanged), codes that
-reproduce the layer outputs better, and a quantized model closer to the float one."""
+"""W8A8 and W4A8 with GPTQ rounding: the same grid as rounding to nearest (scales unchanged), codes
+that reproduce the layer outputs better, and a quantized model closer to the float one."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import lowbit
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.errors import CalibrationError, SpecError
-from lowbit.nn import W8A8Linear
+from lowbit.nn import W4A8Linear, W8A8Linear
 from lowbit.nn.w8a8_linear import int8_weight
-from lowbit.quant import PerChannel, QuantSpec
+from lowbit.quant import PerChannel, PerGroup, QuantSpec
 from lowbit.recipes import load_recipe
 
 from ..conftest import tiny_model
@@ -90,3 +90,47 @@ def test_gptq_rounding_errors():
         _recipe("w8a8-sq-o1", "stochastic").build()
     with pytest.raises(CalibrationError, match="calibration"):
         lowbit.quantize(tiny_model("llama"), _recipe("w8a8-naive", "gptq"), None, progress=False)
+
+
+def test_fixed_per_group_grid():
+    """Per-group fixed scales `[out, in / G]` (W4A8's two-level grid): codes on each group's own grid."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    H = 2 * x.t() @ x / x.shape[0]
+    s = torch.rand(16, 4, generator=g) * 0.1 + 0.05
+    spec = QuantSpec(bits=4, symmetric=True, granularity=PerGroup(16))
+    r = gptq_quantize(w, H, spec, 16, act_order=True, qparams=(s, None))
+    assert r["perm"] is None and torch.equal(r["scales"], s)
+    assert r["codes"].min() >= -8 and r["codes"].max() <= 7
+    torch.testing.assert_close(r["weight"], r["codes"] * s.repeat_interleave(16, dim=1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fixed qparams"):
+        gptq_quantize(w, H, spec, 16, qparams=(s[:, :3], None))
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_w4a8_gptq_rounding_keeps_the_grid_and_lowers_the_error(group_size):
+    base = tiny_model("llama")
+    with torch.no_grad():
+        want = base(IDS).logits
+    out = {}
+    for rounding in ("nearest", "gptq"):
+        rec = load_recipe("w4a8", group_size=group_size)
+        rec.steps = [dict(rec.steps[0], rounding=rounding)]
+        q = lowbit.quantize(tiny_model("llama"), rec, IDS, progress=False)
+        mods = {n: m for n, m in q.named_modules() if isinstance(m, W4A8Linear)}
+        assert len(mods) == 14
+        with torch.no_grad():
+            out[rounding] = (mods, float((q(IDS).logits - want).pow(2).mean() / want.pow(2).mean()))
+    near, gptq = out["nearest"][0], out["gptq"][0]
+    for n, m in gptq.items():
+        if n.startswith("model.layers.0."):  # later blocks' float weights are the same, but keep it to block 0
+            assert torch.equal(m.weight_scale, near[n].weight_scale), n
+            if m.group_scale is not None:
+                assert torch.equal(m.group_scale, near[n].group_scale), n
+    assert any(not torch.equal(m.qweight, near[n].qweight) for n, m in gptq.items())
+    assert out["gptq"][1] < out["nearest"][1]
+    with pytest.raises(CalibrationError, match="calibration"):
+        rec = load_recipe("w4a8")
+        rec.steps = [dict(rec.steps[0], rounding="gptq")]
+        lowbit.quantize(tiny_model("llama"), rec, None, progress=False)

@@ -55,6 +55,7 @@ from contextlib import contextmanager
 import torch
 
 from ..calib.stats import add_product_
+from ..errors import CalibrationError
 from ..kernels import matmul_dtype
 from ..models import linear_weight, set_linear_weight, set_module
 from ..nn import WQLinear
@@ -187,8 +188,8 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, group_size:
                   asym_calib: float = 0.0, qparams: tuple | None = None) -> dict:
     """GPTQ on one weight `[out, in]` with Hessian H `[in, in]` (run on one thread, see _one_thread);
     with C (`Hessian.C`) and asym_calib > 0, fitted to the float model's outputs (module docstring).
-    `qparams` (scale `[out, 1]`, zero `[out, 1]` or None) fixes every group's grid beforehand, as
-    static groups do (W8A8's per-tensor and per-channel int8 grids: `lowbit.algorithms.w8a8`).
+    `qparams` (scale and zero, or None, each `[out, 1]` for all groups or `[out, in / G]`) fixes every
+    group's grid beforehand, as static groups do (`round_on_fixed_grids`: W8A8's and W4A8's grids).
 
     Returns {"codes" [out, in] float (integer valued, in stored column order), "scales" and
     "zeros" [out, in / G] (zeros None when symmetric), "perm" (LongTensor or None: stored column j is
@@ -221,10 +222,11 @@ def _gptq_quantize(w, H, spec, group_size, percdamp, block_size, act_order, stat
     n_groups = in_f // group_size
     static = None
     if qparams is not None:
-        s0, z0 = qparams
-        if s0.shape != (out_f, 1) or (z0 is not None and z0.shape != (out_f, 1)):
-            raise ValueError(f"fixed qparams must be [{out_f}, 1], got {tuple(s0.shape)}")
-        static = [(s0.float(), None if z0 is None else z0.float())] * n_groups
+        if any(t is not None and tuple(t.shape) not in ((out_f, 1), (out_f, n_groups)) for t in qparams):
+            raise ValueError(f"fixed qparams must be [{out_f}, 1] or [{out_f}, {n_groups}], got "
+                             f"{[None if t is None else tuple(t.shape) for t in qparams]}")
+        s0, z0 = (None if t is None else t.float().expand(out_f, n_groups) for t in qparams)
+        static = [(s0[:, g : g + 1], None if z0 is None else z0[:, g : g + 1]) for g in range(n_groups)]
     elif static_groups:
         static = [group_qparams(W[:, g * group_size : (g + 1) * group_size], spec, clip_grid, max_shrink)
                   for g in range(n_groups)]
@@ -333,6 +335,40 @@ def sequential_owners(adapter, linears, true_sequential: bool = True) -> list[li
             if key not in owners:
                 owners.append(key)
         out.append(owners)
+    return out
+
+
+@torch.no_grad()
+def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp: float = 0.01,
+                         act_order: bool = True) -> dict[str, torch.Tensor]:
+    """GPTQ's error-compensating rounding onto grids chosen beforehand: `grid(name, weight)` gives each
+    linear's symmetric scales, `[out, 1]` or `[out, in / G]` with G the group size of `spec` (W8A8's
+    and W4A8's grids, chosen as rounding to nearest would choose them, so the packed module and its
+    kernel stay as they are and only the codes change). The linears are rounded in true-sequential
+    order; the next block's inputs (`ctx.outputs`) come from the float linears holding the rounded
+    weights, as GPTQ passes them on, the activations unquantized. Returns {name: integer-valued float
+    codes `[out, in]` in model order}."""
+    if not ctx.has_data:
+        raise CalibrationError("GPTQ rounding needs calibration data (the Hessians of the linears' inputs)")
+    rows = {n: linear_weight(m).shape[0] for n, m in linears.items()}
+
+    def qparams(names, w):
+        parts, start = [], 0
+        for n in names:
+            parts.append(grid(n, w[start : start + rows[n]]))
+            start += rows[n]
+        return torch.cat(parts), None
+
+    gptq = GPTQ(spec, percdamp=percdamp, act_order=act_order, weight_qparams=qparams)
+    with ctx.reuse_outputs():
+        results = gptq._quantize_steps(ctx, linears)
+        if ctx.wants_outputs:
+            ctx.outputs = ctx.forward()  # only down_proj runs again (reuse_outputs)
+    out = {}
+    for n, (q, _s, _z, perm) in results.items():
+        if perm is not None:  # fixed grids put the codes back in model order; anything else is a bug
+            raise RuntimeError(f"{ctx.name}.{n}: GPTQ returned permuted codes on a fixed grid")
+        out[n] = q
     return out
 
 

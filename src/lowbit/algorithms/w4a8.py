@@ -4,6 +4,10 @@ Weights: symmetric int4, rounded to nearest, per tensor, per output channel, or 
 the input dim with the two-level scheme (integer group scales in [1, 16] under a float per-channel
 scale, so the unpacked weight is int8 and the GEMM stays in integers; see `lowbit.kernels.w4a8`).
 Activations: int8 per token, dynamic. No calibration.
+
+`rounding: gptq` keeps that grid (row scales and integer group scales chosen from the float weight as
+rounding to nearest chooses them) and lets GPTQ pick the codes on it, each absorbing the output error
+of those before it (`lowbit.algorithms.gptq.round_on_fixed_grids`); that needs calibration data.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import SpecError
+from ..nn.w4a8_linear import int4_weight
 from ..models import linear_weight, set_module
 from ..nn import W4A8Linear, is_int8_per_token
 from ..quant import PerChannel, PerGroup, PerTensor, QuantSpec
 from .base import Algorithm
+from .gptq import round_on_fixed_grids
 from .w8a8 import check_finite_weights
 
 
@@ -43,26 +49,52 @@ def check_per_token(activations: QuantSpec | None, what: str) -> None:
 class W4A8(Algorithm):
     name = "w4a8"
     takes_activations = True
-    requires_calibration = False
+    ROUNDINGS = ("nearest", "gptq")
 
-    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None):
+    def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None, rounding: str = "nearest",
+                 percdamp: float = 0.01, act_order: bool = True):
         self.spec = spec
         self.weight_granularity, self.group_size = int4_granularity(spec)
         check_per_token(activations, "W4A8")
+        if rounding not in self.ROUNDINGS:
+            raise SpecError(f"w4a8: rounding is one of {self.ROUNDINGS}, got {rounding!r}")
+        if not 0 <= float(percdamp) < 1:
+            raise SpecError(f"w4a8: percdamp must be in [0, 1), got {percdamp!r}")
+        self.rounding, self.percdamp, self.act_order = rounding, float(percdamp), bool(act_order)
+        self.requires_calibration = rounding == "gptq"
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
 
     @torch.no_grad()
     def quantize_block(self, ctx) -> None:
-        for n, m in ctx.linears.items():
-            if isinstance(m, W4A8Linear):
-                continue
-            q = W4A8Linear.from_weight(linear_weight(m), getattr(m, "bias", None),
-                                       weight_granularity=self.weight_granularity, group_size=self.group_size,
-                                       name=f"{ctx.name}.{n}")
-            set_module(ctx.block, n, q)
+        linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, W4A8Linear)}
+        grids = {}
+
+        def grid(n, w):
+            _, s, gs = grids[n] = int4_weight(w, self.weight_granularity, self.group_size, f"{ctx.name}.{n}")
+            s = s.reshape(-1, 1).expand(w.shape[0], 1)
+            return s if gs is None else s * gs.float()
+
+        codes = {}
+        if self.rounding == "gptq":
+            spec = QuantSpec(bits=4, symmetric=True,
+                             granularity=PerGroup(self.group_size) if self.group_size else PerChannel())
+            codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=self.percdamp, act_order=self.act_order)
+        for n, m in linears.items():
+            name, bias = f"{ctx.name}.{n}", getattr(m, "bias", None)
+            if n in codes:
+                _, s, gs = grids[n]
+                q = W4A8Linear.from_codes(codes[n].to(torch.int8), s, bias, group_scale=gs,
+                                          group_size=self.group_size, name=name)
+            else:
+                q = W4A8Linear.from_weight(linear_weight(m), bias, weight_granularity=self.weight_granularity,
+                                           group_size=self.group_size, name=name)
+            set_module(ctx.block, n, q.to(linear_weight(m).device))
 
     def config(self) -> dict:
-        return {"method": self.name, "weights": self.weight_granularity, "group_size": self.group_size,
-                "activations": "per_token"}
+        d = {"method": self.name, "weights": self.weight_granularity, "group_size": self.group_size,
+             "activations": "per_token", "rounding": self.rounding}
+        if self.rounding == "gptq":
+            d.update(percdamp=self.percdamp, act_order=self.act_order)
+        return d

@@ -41,7 +41,7 @@ from ..nn import act_quant_norm
 from ..nn.w8a8_linear import int8_weight
 from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .base import Algorithm
-from .gptq import GPTQ
+from .gptq import round_on_fixed_grids
 
 
 def weight_granularity(spec: QuantSpec) -> str:
@@ -168,35 +168,15 @@ class W8A8(Algorithm):
         fuse_norm_quantization(ctx.block, pairs)
 
     def _gptq_codes(self, ctx, linears: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if not ctx.has_data:
-            raise CalibrationError("w8a8 with GPTQ rounding needs calibration data (the Hessians of the inputs)")
-        rows = {n: linear_weight(m).shape[0] for n, m in linears.items()}
+        scales = {}
 
-        def grid(names, w: torch.Tensor):
-            """The fixed int8 grid of GPTQ's stacked weight `w` (the linears `names`, rows in that order):
-            each linear's scale as rounding to nearest would choose it, one per row."""
-            parts, start = [], 0
-            for n in names:
-                _, s = int8_weight(w[start : start + rows[n]], self.weight_granularity, n)
-                parts.append(s.reshape(-1, 1).expand(rows[n], 1))
-                start += rows[n]
-            return torch.cat(parts), None
+        def grid(n, w):
+            _, scales[n] = int8_weight(w, self.weight_granularity, n)
+            return scales[n].reshape(-1, 1).expand(w.shape[0], 1)
 
         spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel())
-        gptq = GPTQ(spec, percdamp=self.percdamp, act_order=self.act_order, weight_qparams=grid)
-        with ctx.reuse_outputs():
-            results = gptq._quantize_steps(ctx, linears)
-            if ctx.wants_outputs:
-                # the next block's inputs through the rounded weights still held by the float linears, as
-                # GPTQ passes them on: only down_proj runs again, where a forward through the W8A8Linears
-                # cost as much as all the Hessians (SmolLM2, 64 x 512 tokens: 86 of 242 s)
-                ctx.outputs = ctx.forward()
-        out = {}
-        for n, (q, s, _z, perm) in results.items():
-            if perm is not None:  # fixed grids put the codes back in model order; anything else is a bug
-                raise RuntimeError(f"{ctx.name}.{n}: GPTQ returned permuted int8 codes")
-            out[n] = (q, s if self.weight_granularity == "channel" else s[:1, 0])
-        return out
+        codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=self.percdamp, act_order=self.act_order)
+        return {n: (q, scales[n]) for n, q in codes.items()}
 
     def config(self) -> dict:
         d = {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode,
