@@ -118,7 +118,9 @@ def merge(paths: list[str], out: str | None) -> None:
         if r["calibration"]["ids_sha256"] != runs[0]["calibration"]["ids_sha256"]:
             raise SystemExit(f"--merge: {p} was calibrated on other token ids than {paths[0]}")
         f0, f1 = runs[0]["rows"][0]["ppl"], r["rows"][0]["ppl"]
-        if abs(f0 - f1) > 1e-6 * f0:  # the same float model on the same windows
+        # the same float model on the same windows; float32 sums differ in their last bits with the thread
+        # count and with whether the float logits came from a --ref-logits file (9e-6 seen)
+        if abs(f0 - f1) > 1e-4 * f0:
             raise SystemExit(f"--merge: float ppl {f1} in {p} against {f0} in {paths[0]}")
     rows = [runs[0]["rows"][0]] + [row for r in runs for row in r["rows"][1:]]
     payload = {**{k: runs[0][k] for k in (*same, "calibration")}, "merged_from": paths,
