@@ -496,3 +496,27 @@ def test_attention_tokens_size_the_attention_objective_apart_from_the_mlp(monkey
     assert asked and set(asked) == {("LlamaAttention", 96), ("LlamaMLP", 48)}
     assert AWQ(QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32)),
                attention_tokens=96).config()["attention_tokens"] == 96
+
+
+def test_nf4_presets_pack_nf4_and_awq_beats_nearest_rounding(tmp_path):
+    """w4a16-nf4 (bitsandbytes' nf4 grid, blocks of 64 here 32) and w4a16-nf4-awq (AWQ's searches on
+    that grid): codebook WQLinears whose codes index NF4, a lossless round trip, and AWQ closer to the
+    float model than nearest rounding on the same grid."""
+    from lowbit.quant.codebooks import NF4_CODEBOOK
+
+    ids = calib_ids()
+    ref = logits(tiny_model("llama"), ids)
+    errs = {}
+    for recipe in ("w4a16-nf4", "w4a16-nf4-awq"):
+        model = lowbit.quantize(tiny_model("llama"), recipe, ids, group_size=32, progress=False)
+        mods = [m for m in model.modules() if isinstance(m, WQLinear)]
+        assert len(mods) == 14 and all(m.group_size == 32 and m.codebook is not None for m in mods)
+        assert all(torch.equal(m.codebook, NF4_CODEBOOK.float()) for m in mods)
+        w = mods[0].dequantize_weight().reshape(mods[0].out_features, -1, 32)
+        unit = w / w.abs().amax(-1, keepdim=True)  # every block's absmax weight sits on the code +-1
+        assert torch.isclose(unit[..., None], NF4_CODEBOOK.to(unit.dtype), atol=1e-3).any(-1).float().mean() > 0.99
+        out = logits(model, ids)
+        errs[recipe] = float((out - ref).norm() / ref.norm())
+        lowbit.save(model, tmp_path / recipe)
+        torch.testing.assert_close(logits(lowbit.load(tmp_path / recipe), ids), out, rtol=0, atol=0)
+    assert errs["w4a16-nf4-awq"] < errs["w4a16-nf4"], errs
