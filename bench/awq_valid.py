@@ -16,7 +16,8 @@ quantize call and prints the AWQ phase times (`AWQ.last_timings`), then the perp
     python bench/awq_valid.py --bits 4 --eval valid [--n-samples 8] [--rtn] [--json-lines FILE] \\
         output_tokens=1024 clip_mode='"asym"'
 
-`--recipe` scores another recipe instead (its weight settings as the recipe says; --bits and
+`--model gemma3-270m` runs on Gemma-3 (windows with BOS, as every Gemma figure); `--float` scores
+the float model. `--recipe` scores another recipe instead (its weight settings as the recipe says; --bits and
 --group-size ignored), the overrides going to its `--step` step:
 
     python bench/awq_valid.py --recipe w8a8-sq-o1 --step w8a8 --n-samples 64 rounding='"gptq"'
@@ -35,6 +36,7 @@ import torch
 import lowbit
 import lowbit.algorithms.awq as awq_mod
 from lowbit import zoo
+from lowbit.cli import default_bos
 from lowbit.eval import evaluate, load_windows
 from lowbit.recipes import load_recipe
 
@@ -44,8 +46,9 @@ from bench.measure import WIKI_TEST, WIKI_VALID  # noqa: E402
 CALIB_SIZES = (8, 128)  # calibration sample counts whose windows the validation windows avoid
 
 
-def valid_windows(tok, n_windows: int = 40, seqlen: int = 512) -> torch.Tensor:
-    """Evenly spaced seqlen-token windows of wiki.valid.tokens clear of every calibration window."""
+def valid_windows(tok, n_windows: int = 40, seqlen: int = 512, bos: bool = False) -> torch.Tensor:
+    """Evenly spaced seqlen-token windows of wiki.valid.tokens clear of every calibration window; with
+    `bos` (Gemma) each is BOS and the slot's first seqlen - 1 tokens."""
     ids = torch.as_tensor(tok(Path(WIKI_VALID).read_text(), add_special_tokens=False)["input_ids"])
     taken = set()
     for n in CALIB_SIZES:  # the starts lowbit.calib.text_file draws (seed 0)
@@ -54,7 +57,10 @@ def valid_windows(tok, n_windows: int = 40, seqlen: int = 512) -> torch.Tensor:
             taken.update(range(s // seqlen, (s + seqlen - 1) // seqlen + 1))
     free = [i for i in range(ids.numel() // seqlen) if i not in taken]
     pick = [free[int(j * len(free) / n_windows)] for j in range(n_windows)]
-    return torch.stack([ids[i * seqlen:(i + 1) * seqlen] for i in pick])
+    out = torch.stack([ids[i * seqlen:(i + 1) * seqlen] for i in pick])
+    if bos:
+        out = torch.cat([torch.full((n_windows, 1), tok.bos_token_id, dtype=out.dtype), out[:, :-1]], 1)
+    return out
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -70,6 +76,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="zoo name (Gemma's windows start with BOS)")
+    ap.add_argument("--float", action="store_true", help="score the float model (no quantization)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--n-samples", type=int, default=8)
@@ -83,8 +91,9 @@ def main() -> None:
     args = ap.parse_args()
     kw = parse_overrides(args.overrides)
 
-    model = lowbit.load(zoo.pull("smollm2-135m"))
+    model = lowbit.load(zoo.pull(args.model))
     tok = model.lowbit_tokenizer
+    bos = default_bos(model)
     made = []  # the AWQ instance the recipe builds, for its phase timings
     real_init = awq_mod.AWQ.__init__
 
@@ -94,7 +103,9 @@ def main() -> None:
 
     awq_mod.AWQ.__init__ = spy
     t0 = time.perf_counter()
-    if args.recipe:
+    if args.float:
+        name = "float"
+    elif args.recipe:
         rec = load_recipe(args.recipe)
         hit = [i for i, st in enumerate(rec.steps) if st.get("method") == args.step]
         if kw and not hit:
@@ -115,12 +126,13 @@ def main() -> None:
         name = f"awq w{args.bits} g{args.group_size} {args.n_samples}x{args.seqlen} {rec.steps[0]}"
     seconds = time.perf_counter() - t0
     awq_mod.AWQ.__init__ = real_init
-    row = {"name": name, "quant_s": round(seconds, 1), "threads": torch.get_num_threads()}
+    row = {"model": args.model, "name": name, "quant_s": round(seconds, 1), "threads": torch.get_num_threads()}
     if made:
         row["timings"] = {k: round(v, 1) for k, v in made[0].last_timings.items()}
     print(f"quantized in {seconds:.1f} s", flush=True)
     for which in args.eval.split(","):
-        w = valid_windows(tok) if which == "valid" else load_windows(tok, WIKI_TEST, seqlen=512, windows=40)
+        w = (valid_windows(tok, bos=bos) if which == "valid"
+             else load_windows(tok, WIKI_TEST, seqlen=512, windows=40, bos=bos))
         row[which] = round(evaluate(model, w, progress=False)["ppl"], 3)
         print(which, row[which], flush=True)
     print(json.dumps(row))
