@@ -134,3 +134,9 @@ def test_w4a8_gptq_rounding_keeps_the_grid_and_lowers_the_error(group_size):
         rec = load_recipe("w4a8")
         rec.steps = [dict(rec.steps[0], rounding="gptq")]
         lowbit.quantize(tiny_model("llama"), rec, None, progress=False)
+
+
+def test_gptq_presets():
+    for preset, cls_name in (("w8a8-sq-o1", "W8A8"), ("w4a8-gptq", "W4A8")):
+        alg = load_recipe(preset).build()[-1]
+        assert type(alg).__name__ == cls_name and alg.rounding == "gptq" and alg.requires_calibration
