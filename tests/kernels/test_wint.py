@@ -559,3 +559,31 @@ def test_auto_prepares_nib_where_torch_int4pack_layout_is_unknown(monkeypatch):
     q6, s6, z6 = make_weight(16, 64, 6, 64, sym=False)
     with pytest.raises(SpecError, match="nib cannot run"):
         prepare_wint(q6, s6, z6, 6, 64, backends=("nib",))
+
+
+# ---- 4-bit codebooks (NF4): nibbles and a table lookup per group -----------------------------------
+
+@pytest.mark.parametrize("group_size", [64, 48])
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_codebook4_linear_matches_the_looked_up_weight(monkeypatch, group_size, m):
+    from lowbit.quant.codebooks import NF4_CODEBOOK
+
+    monkeypatch.setattr(wint, "DEQUANT_CHUNK_BYTES", 2 * 576 * 16)  # several chunks of rows
+    g = torch.Generator().manual_seed(group_size + m)
+    n, k = 41, 576
+    q = torch.randint(0, 16, (n, k), generator=g)
+    s = torch.rand(n, k // group_size, generator=g) + 0.1
+    w = NF4_CODEBOOK.float()[q] * s.repeat_interleave(group_size, 1)
+    p = wint.prepare_codebook4(q, s, NF4_CODEBOOK)
+    assert sorted(p) == ["cb_packed", "cb_scales", "codebook"] and p["cb_packed"].numel() == n * k // 2
+    x, bias = torch.randn(2, m, k, generator=g), torch.randn(n, generator=g)
+    want = torch.nn.functional.linear(x, w, bias)
+    y = wint.codebook4_linear(x, p, bias)
+    assert y.shape == (2, m, n) and rel_err(y, want) < 1e-5
+    monkeypatch.setenv(_nib_cpp.EXT_ENV, "0")  # the torch ops that stand in for lut_dequant: same weights
+    if has_nib():
+        monkeypatch.setattr(_nib_cpp, "load", lambda: None)
+    torch.testing.assert_close(wint.codebook4_linear(x, p, bias), y, rtol=0, atol=0)
+    yb = wint.codebook4_linear(x.bfloat16(), p, bias)
+    assert yb.dtype == torch.bfloat16 and rel_err(yb.float(), want) < 2e-2
+    assert wint.prepare_codebook4(q[:, :48], s[:, :1], NF4_CODEBOOK) is None  # K not a multiple of 32

@@ -22,6 +22,8 @@ from lowbit.kernels.wint import (
     BACKEND_ENV as WINT_BACKEND_ENV,
     BACKENDS as WINT_BACKENDS,
     available_backends as wint_available_backends,
+    codebook4_linear,
+    prepare_codebook4,
     prepare_wint,
     select_backend as select_wint_backend,
     wint_gemm,
@@ -30,6 +32,8 @@ from lowbit.kernels.wint import (
 
 __all__ = [
     "autocast",
+    "codebook4_linear",
+    "prepare_codebook4",
     "fake_quant_clamped",
     "fake_quant_scaled",
     "fast_bf16",

@@ -6,6 +6,8 @@ lowbit's own nibble layout rather than torch's int4pack (whose layout torch chan
   of k's group; ``pack_nibbles`` gives the layout (K a multiple of 32).
 - ``nib_dequant(packed, scales, offsets, g, n0, n1, out)``: rows n0..n1 of W in float32 into ``out``
   (the prefill path's weights, one pass from the nibbles).
+- ``lut_dequant(packed, scales, codebook, g, n0, n1, out)``: the same for 4-bit codebook weights (NF4),
+  ``W[n, k] = codebook[q[n, k]] * scale`` of k's group: a 16-entry table per group, one lookup a weight.
 
 Each token is rounded to int16 codes on its own absmax / 32767 (2^-16 of its largest value: far
 finer than the bf16 activations of the other fast paths), so the products are 16 int16 x int16
@@ -227,6 +229,48 @@ void nib_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tenso
   });
 }
 
+// rows n0..n1 of a codebook weight in float32 into out [n1 - n0, K]: W[n, k] = codebook[q] * scale of
+// k's group (the product torch's codebook[q] * scale gives: one float32 multiply, no contraction)
+void lut_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tensor& cb, int64_t g, int64_t n0,
+                 int64_t n1, at::Tensor out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(K % 32 == 0 && g > 0 && K % g == 0, "lut_dequant: K a multiple of 32 and of the group");
+  const int64_t G = K / g;
+  TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 2 && sc.size(0) == N &&
+              sc.size(1) == G, "scales: float32 [N, K/g]");
+  TORCH_CHECK(cb.scalar_type() == at::kFloat && cb.is_contiguous() && cb.numel() == 16, "codebook: float32 [16]");
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "lut_dequant: rows out of range");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= (n1 - n0) * K,
+              "lut_dequant: out must be a contiguous float32 buffer of (n1 - n0) * K");
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const float* cp = cb.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+    float t[16];
+    int64_t tg = -1;  // the group t holds
+    for (int64_t n = a; n < b; ++n) {
+      const uint8_t* pr = pp + n * (K / 2);
+      float* orow = o + (n - n0) * K;
+      tg = -1;
+      for (int64_t c = 0; c < K / 32; ++c) {
+        const uint8_t* pc = pr + c * 16;
+        float* oc = orow + c * 32;
+        for (int i = 0; i < 32; ++i) {
+          const int64_t gi = (c * 32 + i) / g;
+          if (gi != tg) {
+            const float s = sp[n * G + gi];
+            for (int j = 0; j < 16; ++j) t[j] = cp[j] * s;
+            tg = gi;
+          }
+          oc[i] = t[i < 16 ? (pc[i] & 15) : (pc[i - 16] >> 4)];
+        }
+      }
+    }
+  });
+}
+
 bool has_avx2() {
 #ifdef LOWBIT_NIB_AVX2
   return true;
@@ -239,6 +283,8 @@ TORCH_LIBRARY(lowbit_nib, m) {
   m.def("nib_gemm(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int group) -> Tensor", &nib_gemm);
   m.def("nib_dequant(Tensor packed, Tensor scales, Tensor offsets, int group, int n0, int n1, Tensor(a!) out) -> ()",
         &nib_dequant);
+  m.def("lut_dequant(Tensor packed, Tensor scales, Tensor codebook, int group, int n0, int n1, Tensor(a!) out) -> ()",
+        &lut_dequant);
   m.def("has_avx2() -> bool", &has_avx2);
 }
 """
@@ -279,6 +325,10 @@ def _selftest(ext) -> None:
         ext.nib_dequant(pack_nibbles(q), sc, off, group, 3, n, buf)
         if not torch.equal(buf, w[3:]):  # the same float32 product and sum
             raise RuntimeError(f"self-test: nib_dequant differs from q * scale + offset (group {group})")
+        cb = torch.randn(16, generator=g)
+        ext.lut_dequant(pack_nibbles(q), sc, cb, group, 3, n, buf)
+        if not torch.equal(buf, cb[q[3:]] * sc[3:].repeat_interleave(group, 1)):
+            raise RuntimeError(f"self-test: lut_dequant differs from codebook[q] * scale (group {group})")
 
 
 # no FMA contraction: nib_dequant must give exactly q * scale + offset as torch computes it (the

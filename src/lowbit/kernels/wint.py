@@ -71,6 +71,8 @@ __all__ = [
     "prepared_shape",
     "unpack_int4pack",
     "wint_gemm",
+    "prepare_codebook4",
+    "codebook4_linear",
 ]
 
 BACKENDS = ("ref", "int4pack", "int4cpp", "int8pack", "nib", "dequant")
@@ -569,6 +571,42 @@ def _dequant_linear_nib(xb, packed, scales, offset):
         w.view(n1 - n0, ng, k // ng).mul_(scales[n0:n1, :, None]).add_(offset[n0:n1, :, None])
 
     return _chunked_linear(xb, n, k, _workspace(min(n, _chunk_rows(k, 16)) * k, torch.float32), from_nibbles)
+
+
+def prepare_codebook4(codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor) -> dict | None:
+    """The run-time tensors of a 4-bit codebook weight (NF4): nib's nibbles of the codes `[N, K]` (0..15),
+    float32 group scales `[N, K // G]` and the 16 codebook values; None where K is not a multiple of 32
+    (nib's layout) or the codebook has more than 16 entries."""
+    n, k = codes.shape
+    if k % 32 or codebook.numel() != 16:
+        return None
+    return {"cb_packed": _nib_cpp.pack_nibbles(codes), "cb_scales": scales.float().contiguous(),
+            "codebook": codebook.float().contiguous()}
+
+
+def codebook4_linear(x: torch.Tensor, prepared: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """``x [..., K] @ W.T + bias`` in x's dtype for W = codebook[q] * scale of q's group (from
+    `prepare_codebook4`): W is made one chunk of rows at a time in a reused float32 buffer (a 16-entry
+    table a group, in C++ where the nib extension builds), then multiplied in float32 (bf16 x)."""
+    packed, scales, cb = prepared["cb_packed"], prepared["cb_scales"], prepared["codebook"]
+    n, k = packed.shape[0], packed.shape[1] * 2
+    ng = scales.shape[1]
+    ext = _nib_cpp.load()
+
+    def fill(w, n0, n1):
+        if ext is not None:
+            ext.lut_dequant(packed, scales, cb, k // ng, n0, n1, w)
+            return
+        q = _nib_cpp.unpack_nibbles(packed[n0:n1]).long()
+        torch.mul(cb[q].view(n1 - n0, ng, k // ng), scales[n0:n1, :, None], out=w.view(n1 - n0, ng, k // ng))
+
+    x2 = x.reshape(-1, k)
+    xb = x2 if x2.dtype in (torch.float32, _BF16) else x2.float()
+    y = _chunked_linear(xb, n, k, _workspace(min(n, _chunk_rows(k, 16)) * k, torch.float32), fill)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def _codes_linear_per_channel(xb, codes, scales, offset):

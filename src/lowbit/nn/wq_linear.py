@@ -180,7 +180,9 @@ class WQLinear(nn.Module):
     def _prepared(self) -> dict:
         if self._runtime is None or self._runtime_device != self.qweight.device:
             if self.codebook is not None:
-                self._runtime = {}
+                # 4-bit codebooks (NF4): nibbles, a table lookup a weight in C++; others: see forward
+                self._runtime = (kernels.prepare_codebook4(self.codes(), self.scales, self.codebook)
+                                 if self.bits == 4 else None) or {}
             else:
                 # A backend forced through the environment (tests, benchmarks) must be prepared too.
                 forced = os.environ.get(kernels.WINT_BACKEND_ENV, "auto")
@@ -194,7 +196,10 @@ class WQLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(-1, self.perm.long())
         if self.codebook is not None:
-            # Non-linear codes have no integer kernel on CPU: a lookup, then a GEMM in x's dtype.
+            prepared = self._prepared()
+            if prepared:
+                return kernels.codebook4_linear(x, prepared, self.bias)
+            # other codebooks have no kernel: the whole weight looked up, then a GEMM in x's dtype
             w = self._stored_weight().to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return kernels.wint_gemm(x, self._prepared(), out_features=self.out_features, bias=self.bias)
