@@ -578,8 +578,11 @@ def test_codebook4_linear_matches_the_looked_up_weight(monkeypatch, group_size, 
     assert sorted(p) == ["cb_packed", "cb_scales", "codebook"] and p["cb_packed"].numel() == n * k // 2
     x, bias = torch.randn(2, m, k, generator=g), torch.randn(n, generator=g)
     want = torch.nn.functional.linear(x, w, bias)
-    y = wint.codebook4_linear(x, p, bias)
+    y = wint.codebook4_linear(x, p, bias)  # few tokens: nib's lut_gemm where it builds
     assert y.shape == (2, m, n) and rel_err(y, want) < 1e-5
+    monkeypatch.setattr(wint, "CODEBOOK4_GEMM_MAX_M", 0)  # the weight rebuilt by lut_dequant
+    y = wint.codebook4_linear(x, p, bias)
+    assert rel_err(y, want) < 1e-5
     monkeypatch.setenv(_nib_cpp.EXT_ENV, "0")  # the torch ops that stand in for lut_dequant: same weights
     if has_nib():
         monkeypatch.setattr(_nib_cpp, "load", lambda: None)

@@ -8,6 +8,8 @@ lowbit's own nibble layout rather than torch's int4pack (whose layout torch chan
   (the prefill path's weights, one pass from the nibbles).
 - ``lut_dequant(packed, scales, codebook, g, n0, n1, out)``: the same for 4-bit codebook weights (NF4),
   ``W[n, k] = codebook[q[n, k]] * scale`` of k's group: a 16-entry table per group, one lookup a weight.
+- ``lut_gemm(x, packed, scales, codebook, g)``: few-token GEMM on such weights, the table lookups done in
+  registers (two vpermps and a blend per eight codes) and the products in float32.
 
 Each token is rounded to int16 codes on its own absmax / 32767 (2^-16 of its largest value: far
 finer than the bf16 activations of the other fast paths), so the products are 16 int16 x int16
@@ -248,6 +250,30 @@ void lut_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tenso
   const float* cp = cb.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) {
+#ifdef LOWBIT_NIB_AVX2
+    if (g % 32 == 0) {  // the run of 32 codes lies in one group: its table in two registers
+      const __m256 cb0 = _mm256_loadu_ps(cp), cb1 = _mm256_loadu_ps(cp + 8);
+      const __m128i lo4 = _mm_set1_epi8(0x0F);
+      for (int64_t n = a; n < b; ++n) {
+        const uint8_t* pr = pp + n * (K / 2);
+        float* orow = o + (n - n0) * K;
+        for (int64_t c = 0; c < K / 32; ++c) {
+          const __m256 s = _mm256_broadcast_ss(sp + n * G + c * 32 / g);
+          const __m256 t0 = _mm256_mul_ps(cb0, s), t1 = _mm256_mul_ps(cb1, s);
+          const __m128i bb = _mm_loadu_si128((const __m128i*)(pr + c * 16));
+          const __m128i halves[2] = {_mm_and_si128(bb, lo4), _mm_and_si128(_mm_srli_epi16(bb, 4), lo4)};
+          for (int h = 0; h < 2; ++h)
+            for (int j = 0; j < 2; ++j) {
+              const __m256i idx = _mm256_cvtepu8_epi32(j ? _mm_srli_si128(halves[h], 8) : halves[h]);
+              _mm256_storeu_ps(orow + c * 32 + h * 16 + j * 8,
+                               _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+            }
+        }
+      }
+      return;
+    }
+#endif
     float t[16];
     int64_t tg = -1;  // the group t holds
     for (int64_t n = a; n < b; ++n) {
@@ -271,6 +297,90 @@ void lut_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tenso
   });
 }
 
+// y [M, N] = x @ W^T for a 4-bit codebook weight, W[n, k] = codebook[q[n, k]] * scale of k's group: the
+// few-token path (decode). AVX2 and groups of a multiple of 32: eight codes become eight table values with
+// two vpermps (entries 0-7 and 8-15) and a blend on the code's bit 3, then FMAs against x in float32.
+template <int MT>
+static void lut_rows(const float* x, int64_t K, const uint8_t* packed, const float* sc, const float* cb, int64_t G,
+                     int64_t g, int64_t N, int64_t n0, int64_t n1, float* y) {
+#ifdef LOWBIT_NIB_AVX2
+  if (g % 32 == 0) {
+    const __m256 cb0 = _mm256_loadu_ps(cb), cb1 = _mm256_loadu_ps(cb + 8);
+    const __m128i lo4 = _mm_set1_epi8(0x0F);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* pr = packed + n * (K / 2);
+      __m256 accf[MT];
+      for (int m = 0; m < MT; ++m) accf[m] = _mm256_setzero_ps();
+      for (int64_t gi = 0; gi < G; ++gi) {
+        __m256 acc[MT];
+        for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+        for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
+          const __m128i b = _mm_loadu_si128((const __m128i*)(pr + k / 2));
+          const __m128i halves[2] = {_mm_and_si128(b, lo4), _mm_and_si128(_mm_srli_epi16(b, 4), lo4)};
+          for (int h = 0; h < 2; ++h) {
+            for (int j = 0; j < 2; ++j) {
+              const __m256i idx = _mm256_cvtepu8_epi32(j ? _mm_srli_si128(halves[h], 8) : halves[h]);
+              const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(cb0, idx), _mm256_permutevar8x32_ps(cb1, idx),
+                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+              const int64_t kk = k + h * 16 + j * 8;
+              for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + kk), acc[m]);
+            }
+          }
+        }
+        const __m256 s = _mm256_broadcast_ss(sc + n * G + gi);
+        for (int m = 0; m < MT; ++m) accf[m] = _mm256_fmadd_ps(acc[m], s, accf[m]);
+      }
+      for (int m = 0; m < MT; ++m) y[m * N + n] = hsum8(accf[m]);
+    }
+    return;
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* pr = packed + n * (K / 2);
+    for (int m = 0; m < MT; ++m) {
+      float out = 0.f;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        float dot = 0.f;
+        for (int64_t k = gi * g; k < (gi + 1) * g; ++k) dot += x[m * K + k] * cb[nib_code(pr, k)];
+        out += sc[n * G + gi] * dot;
+      }
+      y[m * N + n] = out;
+    }
+  }
+}
+
+at::Tensor lut_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sc, const at::Tensor& cb,
+                    int64_t g) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [M, K]");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8 [N, K/2]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  TORCH_CHECK(K % 32 == 0 && packed.size(1) * 2 == K && g > 0 && K % g == 0, "lut_gemm: shape mismatch");
+  const int64_t G = K / g;
+  TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 2 && sc.size(0) == N &&
+              sc.size(1) == G, "scales: float32 [N, K/g]");
+  TORCH_CHECK(cb.scalar_type() == at::kFloat && cb.is_contiguous() && cb.numel() == 16, "codebook: float32 [16]");
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  const float* cp = cb.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mt = std::min<int64_t>(4, M - m0);
+      const float* xm = xp + m0 * K;
+      float* ym = yp + m0 * N;
+      switch (mt) {
+        case 1: lut_rows<1>(xm, K, pp, sp, cp, G, g, N, n0, n1, ym); break;
+        case 2: lut_rows<2>(xm, K, pp, sp, cp, G, g, N, n0, n1, ym); break;
+        case 3: lut_rows<3>(xm, K, pp, sp, cp, G, g, N, n0, n1, ym); break;
+        default: lut_rows<4>(xm, K, pp, sp, cp, G, g, N, n0, n1, ym); break;
+      }
+    }
+  });
+  return y;
+}
+
 bool has_avx2() {
 #ifdef LOWBIT_NIB_AVX2
   return true;
@@ -283,6 +393,7 @@ TORCH_LIBRARY(lowbit_nib, m) {
   m.def("nib_gemm(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int group) -> Tensor", &nib_gemm);
   m.def("nib_dequant(Tensor packed, Tensor scales, Tensor offsets, int group, int n0, int n1, Tensor(a!) out) -> ()",
         &nib_dequant);
+  m.def("lut_gemm(Tensor x, Tensor packed, Tensor scales, Tensor codebook, int group) -> Tensor", &lut_gemm);
   m.def("lut_dequant(Tensor packed, Tensor scales, Tensor codebook, int group, int n0, int n1, Tensor(a!) out) -> ()",
         &lut_dequant);
   m.def("has_avx2() -> bool", &has_avx2);
@@ -329,6 +440,10 @@ def _selftest(ext) -> None:
         ext.lut_dequant(pack_nibbles(q), sc, cb, group, 3, n, buf)
         if not torch.equal(buf, cb[q[3:]] * sc[3:].repeat_interleave(group, 1)):
             raise RuntimeError(f"self-test: lut_dequant differs from codebook[q] * scale (group {group})")
+        wl = cb[q] * sc.repeat_interleave(group, 1)
+        err = float((ext.lut_gemm(x, pack_nibbles(q), sc, cb, group) - x @ wl.t()).norm() / (x @ wl.t()).norm())
+        if not err < 1e-5:
+            raise RuntimeError(f"self-test: lut_gemm against float32 failed (group {group}: rel. err {err:.3g})")
 
 
 # no FMA contraction: nib_dequant must give exactly q * scale + offset as torch computes it (the

@@ -573,6 +573,11 @@ def _dequant_linear_nib(xb, packed, scales, offset):
     return _chunked_linear(xb, n, k, _workspace(min(n, _chunk_rows(k, 16)) * k, torch.float32), from_nibbles)
 
 
+# up to this many tokens codebook4_linear multiplies in nib's lut_gemm (table lookups in registers), above
+# it rebuilds the weight chunk by chunk for a float32 GEMM; see bench/RESULTS.md (NF4)
+CODEBOOK4_GEMM_MAX_M = 8
+
+
 def prepare_codebook4(codes: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor) -> dict | None:
     """The run-time tensors of a 4-bit codebook weight (NF4): nib's nibbles of the codes `[N, K]` (0..15),
     float32 group scales `[N, K // G]` and the 16 codebook values; None where K is not a multiple of 32
@@ -587,8 +592,9 @@ def prepare_codebook4(codes: torch.Tensor, scales: torch.Tensor, codebook: torch
 def codebook4_linear(x: torch.Tensor, prepared: Mapping[str, torch.Tensor], bias: torch.Tensor | None = None
                      ) -> torch.Tensor:
     """``x [..., K] @ W.T + bias`` in x's dtype for W = codebook[q] * scale of q's group (from
-    `prepare_codebook4`): W is made one chunk of rows at a time in a reused float32 buffer (a 16-entry
-    table a group, in C++ where the nib extension builds), then multiplied in float32 (bf16 x)."""
+    `prepare_codebook4`): up to CODEBOOK4_GEMM_MAX_M tokens by nib's lut_gemm where the extension
+    builds; otherwise W is made one chunk of rows at a time in a reused float32 buffer (a 16-entry table
+    a group, in C++ where the extension builds), then multiplied in x's dtype (float32 or bf16)."""
     packed, scales, cb = prepared["cb_packed"], prepared["cb_scales"], prepared["codebook"]
     n, k = packed.shape[0], packed.shape[1] * 2
     ng = scales.shape[1]
@@ -602,8 +608,11 @@ def codebook4_linear(x: torch.Tensor, prepared: Mapping[str, torch.Tensor], bias
         torch.mul(cb[q].view(n1 - n0, ng, k // ng), scales[n0:n1, :, None], out=w.view(n1 - n0, ng, k // ng))
 
     x2 = x.reshape(-1, k)
-    xb = x2 if x2.dtype in (torch.float32, _BF16) else x2.float()
-    y = _chunked_linear(xb, n, k, _workspace(min(n, _chunk_rows(k, 16)) * k, torch.float32), fill)
+    if ext is not None and x2.shape[0] <= CODEBOOK4_GEMM_MAX_M:
+        y = ext.lut_gemm(x2.float().contiguous(), packed, scales, cb, k // ng)
+    else:
+        xb = x2 if x2.dtype in (torch.float32, _BF16) else x2.float()
+        y = _chunked_linear(xb, n, k, _workspace(min(n, _chunk_rows(k, 16)) * k, torch.float32), fill)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
