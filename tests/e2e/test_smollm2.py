@@ -5,7 +5,6 @@ windows, where every model below is evaluated on exactly the same tokens.
 """
 
 import pytest
-import torch
 
 import lowbit
 from lowbit import zoo

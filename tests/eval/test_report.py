@@ -13,7 +13,7 @@ import lowbit
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.eval.report import _place_labels, layer_errors, recovered_scales, write_report
-from lowbit.models import find_module, fold_scales
+from lowbit.models import fold_scales
 
 from ..conftest import WIKI_VALID, save_tiny_checkpoint, tiny_model
 

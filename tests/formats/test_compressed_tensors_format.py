@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.errors import CheckpointError, SpecError
-from lowbit.formats import compressed_tensors as ct
 from lowbit.nn import WQLinear
 from lowbit.quant import PerGroup, QuantSpec
 

@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config, SiglipVisionConfig
 
 VOCAB = 128
 

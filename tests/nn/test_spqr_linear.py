@@ -9,7 +9,6 @@ from lowbit.formats.native import module_config, module_from_config
 from lowbit.kernels import WINT_BACKEND_ENV
 from lowbit.nn import QUANTIZED_MODULES, SpQRLinear
 from lowbit.nn.spqr_linear import dequantize_stats, quantize_stats, spqr_summary
-from lowbit.quant import unpack
 
 
 def sqnr_db(ref, x):

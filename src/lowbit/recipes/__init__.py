@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..algorithms import ALGORITHMS
-from ..errors import LowbitError, SpecError
+from ..errors import LowbitError
 from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 
