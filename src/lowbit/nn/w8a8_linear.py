@@ -33,7 +33,7 @@ def int8_weight(weight: torch.Tensor, granularity: str, name: str = "") -> tuple
     """Symmetric int8 codes `[out, in]` and float32 scales `[out, 1]` / `[1]` of a float weight, on
     lowbit.quant's grid (scale = absmax / 127.5, codes in [-128, 127], as compressed-tensors does)."""
     if granularity not in WEIGHT_GRANULARITIES:
-        raise SpecError(f"int8 weights are per 'tensor' or per 'channel', got {granularity!r}")
+        raise SpecError(f"int8 weight granularity must be 'tensor' or 'channel', got {granularity!r}")
     spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel() if granularity == "channel" else PerTensor())
     try:
         qp = choose_qparams(weight.detach().float(), spec)
