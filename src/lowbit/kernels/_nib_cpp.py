@@ -39,6 +39,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -188,20 +189,44 @@ at::Tensor nib_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   return y;
 }
 
+#ifdef LOWBIT_NIB_AVX2
+// eight 4-bit codes (the low bytes of idx as int32) -> eight table values: entries 0-7 from t0, 8-15 from
+// t1, picked by the code's bit 3 (moved to the sign bit for blendv)
+static inline __m256 lut8(__m256 t0, __m256 t1, __m256i idx) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+#endif
+
+// the argument checks nib_dequant, lut_dequant and lut_gemm share: packed nibbles [N, K/2], one float32
+// [N, K/g] table per group for each of `tables`; returns K
+static int64_t check_packed(const char* fn, const at::Tensor& packed, int64_t g,
+                            std::initializer_list<const at::Tensor*> tables) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(K % 32 == 0 && g > 0 && K % g == 0, fn, ": K a multiple of 32 and of the group");
+  for (const at::Tensor* t : tables)
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                t->size(1) == K / g, fn, ": scales/offsets must be float32 [N, K/g]");
+  return K;
+}
+
+static void check_rows_out(const char* fn, int64_t N, int64_t K, int64_t n0, int64_t n1, const at::Tensor& out) {
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, fn, ": rows out of range");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= (n1 - n0) * K,
+              fn, ": out must be a contiguous float32 buffer of (n1 - n0) * K");
+}
+
+static void check_codebook(const at::Tensor& cb) {
+  TORCH_CHECK(cb.scalar_type() == at::kFloat && cb.is_contiguous() && cb.numel() == 16, "codebook: float32 [16]");
+}
+
 // rows n0..n1 of W in float32 into out [n1 - n0, K]: W[n, k] = q[n, k] * scale + offset of k's group
 // (the dequant path's prefill reads these: one pass from the nibbles, no int8 copy of the weight)
 void nib_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tensor& off, int64_t g, int64_t n0,
                  int64_t n1, at::Tensor out) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8 [N, K/2]");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(K % 32 == 0 && g > 0 && K % g == 0, "nib_dequant: K a multiple of 32 and of the group");
-  const int64_t G = K / g;
-  for (const at::Tensor* t : {&sc, &off})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                t->size(1) == G, "scales/offsets: float32 [N, K/g]");
-  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "nib_dequant: rows out of range");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= (n1 - n0) * K,
-              "nib_dequant: out must be a contiguous float32 buffer of (n1 - n0) * K");
+  const int64_t N = packed.size(0), K = check_packed("nib_dequant", packed, g, {&sc, &off}), G = K / g;
+  check_rows_out("nib_dequant", N, K, n0, n1, out);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
   const float* op = off.data_ptr<float>();
@@ -235,16 +260,9 @@ void nib_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tenso
 // k's group (the product torch's codebook[q] * scale gives: one float32 multiply, no contraction)
 void lut_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tensor& cb, int64_t g, int64_t n0,
                  int64_t n1, at::Tensor out) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8 [N, K/2]");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(K % 32 == 0 && g > 0 && K % g == 0, "lut_dequant: K a multiple of 32 and of the group");
-  const int64_t G = K / g;
-  TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 2 && sc.size(0) == N &&
-              sc.size(1) == G, "scales: float32 [N, K/g]");
-  TORCH_CHECK(cb.scalar_type() == at::kFloat && cb.is_contiguous() && cb.numel() == 16, "codebook: float32 [16]");
-  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N, "lut_dequant: rows out of range");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= (n1 - n0) * K,
-              "lut_dequant: out must be a contiguous float32 buffer of (n1 - n0) * K");
+  const int64_t N = packed.size(0), K = check_packed("lut_dequant", packed, g, {&sc}), G = K / g;
+  check_codebook(cb);
+  check_rows_out("lut_dequant", N, K, n0, n1, out);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = sc.data_ptr<float>();
   const float* cp = cb.data_ptr<float>();
@@ -265,9 +283,7 @@ void lut_dequant(const at::Tensor& packed, const at::Tensor& sc, const at::Tenso
           for (int h = 0; h < 2; ++h)
             for (int j = 0; j < 2; ++j) {
               const __m256i idx = _mm256_cvtepu8_epi32(j ? _mm_srli_si128(halves[h], 8) : halves[h]);
-              _mm256_storeu_ps(orow + c * 32 + h * 16 + j * 8,
-                               _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
-                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+              _mm256_storeu_ps(orow + c * 32 + h * 16 + j * 8, lut8(t0, t1, idx));
             }
         }
       }
@@ -320,8 +336,7 @@ static void lut_rows(const float* x, int64_t K, const uint8_t* packed, const flo
           for (int h = 0; h < 2; ++h) {
             for (int j = 0; j < 2; ++j) {
               const __m256i idx = _mm256_cvtepu8_epi32(j ? _mm_srli_si128(halves[h], 8) : halves[h]);
-              const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(cb0, idx), _mm256_permutevar8x32_ps(cb1, idx),
-                                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+              const __m256 w = lut8(cb0, cb1, idx);
               const int64_t kk = k + h * 16 + j * 8;
               for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + kk), acc[m]);
             }
@@ -352,13 +367,9 @@ static void lut_rows(const float* x, int64_t K, const uint8_t* packed, const flo
 at::Tensor lut_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sc, const at::Tensor& cb,
                     int64_t g) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [M, K]");
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8 [N, K/2]");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  TORCH_CHECK(K % 32 == 0 && packed.size(1) * 2 == K && g > 0 && K % g == 0, "lut_gemm: shape mismatch");
-  const int64_t G = K / g;
-  TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 2 && sc.size(0) == N &&
-              sc.size(1) == G, "scales: float32 [N, K/g]");
-  TORCH_CHECK(cb.scalar_type() == at::kFloat && cb.is_contiguous() && cb.numel() == 16, "codebook: float32 [16]");
+  const int64_t M = x.size(0), K = check_packed("lut_gemm", packed, g, {&sc}), N = packed.size(0), G = K / g;
+  TORCH_CHECK(x.size(1) == K, "lut_gemm: x has ", x.size(1), " features, the weight ", K);
+  check_codebook(cb);
   auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
