@@ -423,7 +423,7 @@ def test_propagate_decides_which_block_outputs_the_next_block_is_calibrated_on(p
 
 
 def test_tied_scales_follow_grouped_query_heads():
-    from lowbit.algorithms.awq import expand_tied, tie_scales
+    from lowbit.models import expand_tied, tie_scales
 
     n_rep, hd, kv = 3, 4, 2
     s_v = torch.rand(5, kv * hd) + 0.5

@@ -79,9 +79,8 @@ from ..calib.stats import add_product_
 from ..errors import SpecError
 from ..kernels import matmul_dtype
 from ..kernels.fake_quant import fake_quant_clamped, fake_quant_scaled, round_groups_
-from ..models import (ResolvedPair, fold_scales, get_module, linear_shape, linear_weight, resolve_scaling_pairs,
-                      set_linear_weight, set_module)
-from ..models.adapter import text_config
+from ..models import (expand_tied, fold_scales, fold_tied_scales, gqa_value_pairs, linear_weight,
+                      resolve_scaling_pairs, set_linear_weight, set_module, tie_scales)
 from ..nn import WQLinear
 from ..quant import PerGroup, QuantSpec, quantize_dequantize
 from .base import Algorithm
@@ -260,44 +259,6 @@ def scale_grid(w: torch.Tensor, x_mean: torch.Tensor, group_size: int, n_grid: i
         s_all = x_mean.pow(grid[:, None]).expand(n_grid, in_f)
     s_all = s_all.clamp(min=1e-4)
     return s_all / (s_all.amax(dim=1, keepdim=True) * s_all.amin(dim=1, keepdim=True)).sqrt()
-
-
-def tie_scales(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
-    """Per-channel scales `[..., heads * head_dim]` of o_proj's input made equal across the n_rep
-    query heads that read one value head (their geometric mean), so that v_proj's rows can carry
-    the inverse: `[..., kv_heads * head_dim]`, value-channel order. `expand_tied` maps it back."""
-    lead = s.shape[:-1]
-    return s.log().reshape(*lead, -1, n_rep, head_dim).mean(-2).exp().reshape(*lead, -1)
-
-
-def expand_tied(s_v: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
-    """Value-channel scales `[..., kv_heads * head_dim]` repeated onto o_proj's input channels the way
-    grouped-query attention repeats value heads (query head h reads value head h // n_rep)."""
-    lead = s_v.shape[:-1]
-    v = s_v.reshape(*lead, -1, 1, head_dim)
-    return v.expand(*lead, v.shape[-3], n_rep, head_dim).reshape(*lead, -1)
-
-
-def gqa_value_pairs(block: nn.Module, adapter, config) -> list[tuple[int, ResolvedPair, int, int]]:
-    """The adapter's v -> o pairs dropped for grouped-query attention (condition "mha"), as
-    (index among the adapter's pairs, the resolved pair, n_rep, head_dim): a scale shared by the
-    n_rep query heads of each value head folds exactly into v_proj's rows (`tie_scales`)."""
-    c = text_config(config) if config is not None else None
-    heads = getattr(c, "num_attention_heads", None)
-    kv = getattr(c, "num_key_value_heads", None)
-    if not heads or not kv or kv == heads or heads % kv:
-        return []
-    out = []
-    for i, pair in enumerate(adapter.scaling_pairs):
-        if pair.when != "mha" or pair.kind != "linear" or len(pair.linears) != 1:
-            continue
-        prev, lin = get_module(block, pair.prev), get_module(block, pair.linears[0])
-        v_out, o_in = linear_shape(prev)[0], linear_shape(lin)[1]
-        n_rep = heads // kv
-        if v_out * n_rep != o_in or v_out % kv:
-            continue
-        out.append((i, ResolvedPair(pair, prev, (lin,), get_module(block, pair.inspect)), n_rep, v_out // kv))
-    return out
 
 
 @torch.no_grad()
@@ -786,12 +747,8 @@ class AWQ(Algorithm):
                                   WQLinear.spec_group_size(self.spec, w_cat.shape[1]), self.n_grid, self.duo_scaling)
                 s, losses = search_best_scale(weights, stats, self.spec, loss_dtype=loss_dtype,
                                               candidates=expand_tied(tie_scales(grid, n_rep, head_dim), n_rep, head_dim))
-                s_v = tie_scales(s, n_rep, head_dim)
-                s = expand_tied(s_v, n_rep, head_dim)  # exactly the inverse of what v's rows take
-                fold_scales(pair.prev, (), s_v, pair.kind)
-                for m in pair.linears:
-                    w = linear_weight(m)
-                    set_linear_weight(m, (w.float() * s.to(w.device)[None, :]).to(w.dtype))
+                # exactly the inverse of what v's rows take
+                s = fold_tied_scales(pair, tie_scales(s, n_rep, head_dim), n_rep, head_dim)
                 tick = self._timed("scale_linear_output", tick)
             else:
                 s, losses = search_best_scale(weights, stats, self.spec, self.n_grid, self.duo_scaling, loss_dtype)

@@ -7,9 +7,10 @@ import logging
 import torch
 from torch import nn
 
-from .adapter import CONDITIONS, ModelAdapter, ResolvedPair
+from .adapter import CONDITIONS, ModelAdapter, ResolvedPair, text_config
 from ..errors import UnsupportedArchitectureError
-from .modules import find_module, get_module, is_linear, linear_shape, norm_offset
+from .modules import (find_module, fold_scales, get_module, is_linear, linear_shape, linear_weight, norm_offset,
+                      set_linear_weight)
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +111,56 @@ def move_head(model: nn.Module, adapter: ModelAdapter, device) -> None:
     """
     paths = ([adapter.final_norm] if adapter.final_norm else []) + [*adapter.post_blocks, adapter.head]
     _move(model, paths, adapter.optional, device)
+
+
+# Grouped-query attention: v -> o with one scale per value channel, shared by the query heads that read it
+
+
+def tie_scales(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Per-channel scales `[..., heads * head_dim]` of o_proj's input made equal across the n_rep
+    query heads that read one value head (their geometric mean), so that v_proj's rows can carry
+    the inverse: `[..., kv_heads * head_dim]`, value-channel order. `expand_tied` maps it back."""
+    lead = s.shape[:-1]
+    return s.log().reshape(*lead, -1, n_rep, head_dim).mean(-2).exp().reshape(*lead, -1)
+
+
+def expand_tied(s_v: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Value-channel scales `[..., kv_heads * head_dim]` repeated onto o_proj's input channels the way
+    grouped-query attention repeats value heads (query head h reads value head h // n_rep)."""
+    lead = s_v.shape[:-1]
+    v = s_v.reshape(*lead, -1, 1, head_dim)
+    return v.expand(*lead, v.shape[-3], n_rep, head_dim).reshape(*lead, -1)
+
+
+def gqa_value_pairs(block: nn.Module, adapter: ModelAdapter, config) -> list[tuple[int, ResolvedPair, int, int]]:
+    """The adapter's v -> o pairs dropped for grouped-query attention (condition "mha"), as
+    (index among the adapter's pairs, the resolved pair, n_rep, head_dim): a scale shared by the
+    n_rep query heads of each value head folds exactly into v_proj's rows (`tie_scales`)."""
+    c = text_config(config) if config is not None else None
+    heads = getattr(c, "num_attention_heads", None)
+    kv = getattr(c, "num_key_value_heads", None)
+    if not heads or not kv or kv == heads or heads % kv:
+        return []
+    out = []
+    for i, pair in enumerate(adapter.scaling_pairs):
+        if pair.when != "mha" or pair.kind != "linear" or len(pair.linears) != 1:
+            continue
+        prev, lin = get_module(block, pair.prev), get_module(block, pair.linears[0])
+        v_out, o_in = linear_shape(prev)[0], linear_shape(lin)[1]
+        n_rep = heads // kv
+        if v_out * n_rep != o_in or v_out % kv:
+            continue
+        out.append((i, ResolvedPair(pair, prev, (lin,), get_module(block, pair.inspect)), n_rep, v_out // kv))
+    return out
+
+
+def fold_tied_scales(pair: ResolvedPair, s_v: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """Folds value-channel scales `s_v` into a `gqa_value_pairs` pair: v_proj's rows divided by s_v,
+    o_proj's input columns multiplied by its expansion, which it returns (the same function, since
+    every query head reads its value head's channels divided alike)."""
+    s = expand_tied(s_v, n_rep, head_dim)
+    fold_scales(pair.prev, (), s_v, pair.kind)
+    for m in pair.linears:
+        w = linear_weight(m)
+        set_linear_weight(m, (w.float() * s.to(w.device)[None, :]).to(w.dtype))
+    return s
