@@ -43,27 +43,35 @@ def test_fixed_grid_gptq_beats_nearest_on_the_same_grid(granularity, act_order):
     assert not torch.equal(q, q0.float())
 
 
-def _recipe(preset, rounding):
+def _recipe(preset, rounding, act_calib=0.0):
     rec = load_recipe(preset)
     for step in rec.steps:
         if step.get("method") == "w8a8":
             step["rounding"] = rounding
+            step["act_calib"] = act_calib
     return rec
 
 
-@pytest.mark.parametrize("preset", ["w8a8-sq-o1", "w8a8-sq-o3"])
-def test_gptq_rounding_keeps_the_grid_and_lowers_the_error(preset):
-    base = tiny_model("llama")
+def _quantize_both_ways(make_recipe, cls):
+    """The tiny llama quantized with rounding to nearest and with GPTQ rounding: per rounding, the
+    packed modules of type `cls` by name, the logits' relative squared error against float, and the model."""
     with torch.no_grad():
-        want = base(IDS).logits
+        want = tiny_model("llama")(IDS).logits
     out = {}
     for rounding in ("nearest", "gptq"):
-        q = lowbit.quantize(tiny_model("llama"), _recipe(preset, rounding), IDS, progress=False)
-        mods = {n: m for n, m in q.named_modules() if isinstance(m, W8A8Linear)}
+        q = lowbit.quantize(tiny_model("llama"), make_recipe(rounding), IDS, progress=False)
+        mods = {n: m for n, m in q.named_modules() if isinstance(m, cls)}
         assert len(mods) == 14
         with torch.no_grad():
             err = float((q(IDS).logits - want).pow(2).mean() / want.pow(2).mean())
         out[rounding] = (mods, err, q)
+    assert out["gptq"][1] < out["nearest"][1]
+    return out
+
+
+@pytest.mark.parametrize("preset", ["w8a8-sq-o1", "w8a8-sq-o3"])
+def test_gptq_rounding_keeps_the_grid_and_lowers_the_error(preset):
+    out = _quantize_both_ways(lambda rounding: _recipe(preset, rounding), W8A8Linear)
     near, gptq = out["nearest"][0], out["gptq"][0]
     changed = 0
     for n, m in gptq.items():
@@ -73,7 +81,6 @@ def test_gptq_rounding_keeps_the_grid_and_lowers_the_error(preset):
             assert torch.equal(m.weight_scale, near[n].weight_scale), n
         changed += int((m.weight != near[n].weight).sum())
     assert changed > 0
-    assert out["gptq"][1] < out["nearest"][1]
     assert out["gptq"][2].lowbit_recipe["steps"][-1]["rounding"] == "gptq"
 
 
@@ -110,18 +117,12 @@ def test_fixed_per_group_grid():
 
 @pytest.mark.parametrize("group_size", [32, -1])
 def test_w4a8_gptq_rounding_keeps_the_grid_and_lowers_the_error(group_size):
-    base = tiny_model("llama")
-    with torch.no_grad():
-        want = base(IDS).logits
-    out = {}
-    for rounding in ("nearest", "gptq"):
+    def recipe(rounding):
         rec = load_recipe("w4a8", group_size=group_size)
         rec.steps = [dict(rec.steps[0], rounding=rounding)]
-        q = lowbit.quantize(tiny_model("llama"), rec, IDS, progress=False)
-        mods = {n: m for n, m in q.named_modules() if isinstance(m, W4A8Linear)}
-        assert len(mods) == 14
-        with torch.no_grad():
-            out[rounding] = (mods, float((q(IDS).logits - want).pow(2).mean() / want.pow(2).mean()))
+        return rec
+
+    out = _quantize_both_ways(recipe, W4A8Linear)
     near, gptq = out["nearest"][0], out["gptq"][0]
     for n, m in gptq.items():
         if n.startswith("model.layers.0."):  # later blocks' float weights are the same, but keep it to block 0
@@ -129,14 +130,54 @@ def test_w4a8_gptq_rounding_keeps_the_grid_and_lowers_the_error(group_size):
             if m.group_scale is not None:
                 assert torch.equal(m.group_scale, near[n].group_scale), n
     assert any(not torch.equal(m.qweight, near[n].qweight) for n, m in gptq.items())
-    assert out["gptq"][1] < out["nearest"][1]
     with pytest.raises(CalibrationError, match="calibration"):
-        rec = load_recipe("w4a8")
-        rec.steps = [dict(rec.steps[0], rounding="gptq")]
-        lowbit.quantize(tiny_model("llama"), rec, None, progress=False)
+        lowbit.quantize(tiny_model("llama"), recipe("gptq"), None, progress=False)
 
 
 def test_gptq_presets():
     for preset, cls_name in (("w8a8-sq-o1", "W8A8"), ("w4a8-gptq", "W4A8")):
         alg = load_recipe(preset).build()[-1]
         assert type(alg).__name__ == cls_name and alg.rounding == "gptq" and alg.requires_calibration
+    assert load_recipe("w8a8-sq-o1").build()[-1].act_calib == 1.0
+
+
+def test_act_calib_fits_the_int8_activations_on_the_same_grid():
+    """input_quant: GPTQ's Hessian comes from the inputs rounded as W8A8Linear rounds them (per token,
+    int8) and its target is the float product, so with input_calib 1 the codes on the same grid
+    reproduce X W^T from the rounded X better than GPTQ fitted to float inputs does."""
+    from lowbit.algorithms.gptq import GPTQ
+    from lowbit.kernels.int8_gemm import quantize_per_token
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(4096, 16, generator=g) @ torch.randn(16, 64, generator=g) + 0.3 * torch.randn(4096, 64, generator=g)
+    x[:, :3] *= 20  # outlier channels: a coarse per-token grid for the rest
+
+    def rounded(_name, t):
+        q, s = quantize_per_token(t.reshape(-1, t.shape[-1]).contiguous())
+        return (q.float() * s).reshape(t.shape)
+
+    class Ctx:  # what collect_hessians reads: the inputs of the named linears, batch by batch
+        def run_inputs(self, names, record):
+            for part in x.split(1024):
+                record(names[0], part)
+
+    spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel())
+    hs = GPTQ(spec, input_quant=rounded, input_calib=1.0).collect_hessians(Ctx(), ["lin"])["lin"]
+    xq = rounded("lin", x)
+    torch.testing.assert_close(hs.H, 2 * xq.t() @ xq / x.shape[0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(hs.C, 2 * (x - xq).t() @ xq / x.shape[0], rtol=1e-4, atol=1e-3)
+    _, s = int8_weight(w, "channel")
+    fixed = (s.reshape(-1, 1).expand(w.shape[0], 1), None)
+    err = {}
+    for alpha in (0.0, 1.0):
+        r = gptq_quantize(w, hs.H, spec, w.shape[1], act_order=True, qparams=fixed, C=hs.C, asym_calib=alpha)
+        assert torch.equal(r["scales"], fixed[0].float())
+        err[alpha] = float((x @ w.t() - xq @ r["weight"].t()).pow(2).sum())
+    assert err[1.0] < err[0.0], err  # the rounding noise is mostly uncorrelated with xq: a small gain
+    with pytest.raises(ValueError, match="input_quant"):
+        GPTQ(spec, input_quant=rounded, asym_calib=0.25)
+    for bad, rounding in ((0.5, "nearest"), (1.5, "gptq"), ("x", "gptq")):
+        rec = _recipe("w8a8-sq-o1", rounding, act_calib=bad)
+        with pytest.raises(SpecError, match="act_calib"):
+            rec.build()

@@ -55,7 +55,7 @@ from contextlib import contextmanager
 import torch
 
 from ..calib.stats import add_product_
-from ..errors import CalibrationError
+from ..errors import CalibrationError, SpecError
 from ..kernels import matmul_dtype
 from ..models import linear_weight, set_linear_weight, set_module
 from ..nn import WQLinear
@@ -299,15 +299,24 @@ def _gptq_quantize(w, H, spec, group_size, percdamp, block_size, act_order, stat
 
 @torch.no_grad()
 def collect_hessians(ctx, names: list[str], targets: dict[str, list[torch.Tensor]] | None = None,
-                     dtype: torch.dtype = torch.float32, cross_dtype: torch.dtype | None = None) -> dict[str, Hessian]:
+                     dtype: torch.dtype = torch.float32, cross_dtype: torch.dtype | None = None,
+                     input_quant=None) -> dict[str, Hessian]:
     """H for each named linear's input, from a forward of the block as it stands (stopped as soon
     as the last of them has its input); with `targets` ({name: the float model's inputs, one per
-    calibration batch}), the cross term of asymmetric calibration too. `dtype`: see Hessian."""
+    calibration batch}), the cross term of asymmetric calibration too. With `input_quant(name, x)`
+    instead, H of the inputs as it rounds them and the cross term against the inputs themselves
+    (GPTQ's `input_quant`). `dtype`: see Hessian."""
+    if input_quant is not None and targets is not None:
+        raise ValueError("collect_hessians: targets and input_quant both set the cross term; use one")
     hs: dict[str, Hessian] = {}
 
     def record(name, x):
         if name not in hs:
-            hs[name] = Hessian(x.shape[-1], x.device, None if targets is None else targets[name], dtype, cross_dtype)
+            t = [] if input_quant is not None else None if targets is None else targets[name]
+            hs[name] = Hessian(x.shape[-1], x.device, t, dtype, cross_dtype)
+        if input_quant is not None:
+            hs[name].targets.append(x)
+            x = input_quant(name, x)
         hs[name].add(x)
 
     ctx.run_inputs(names, record)
@@ -338,16 +347,31 @@ def sequential_owners(adapter, linears, true_sequential: bool = True) -> list[li
     return out
 
 
+ROUNDINGS = ("nearest", "gptq")
+
+
+def check_rounding(method: str, rounding, percdamp) -> tuple[str, float]:
+    """The `rounding` and `percdamp` options of the steps that round onto a fixed grid (w8a8, w4a8),
+    refused by the step's name before any work."""
+    if rounding not in ROUNDINGS:
+        raise SpecError(f"{method}: rounding is one of {ROUNDINGS}, got {rounding!r}")
+    if not 0 <= float(percdamp) < 1:
+        raise SpecError(f"{method}: percdamp must be in [0, 1), got {percdamp!r}")
+    return rounding, float(percdamp)
+
+
 @torch.no_grad()
 def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp: float = 0.01,
-                         act_order: bool = True) -> dict[str, torch.Tensor]:
+                         act_order: bool = True, input_quant=None, input_calib: float = 0.0
+                         ) -> dict[str, torch.Tensor]:
     """GPTQ's error-compensating rounding onto grids chosen beforehand: `grid(name, weight)` gives each
     linear's symmetric scales, `[out, 1]` or `[out, in / G]` with G the group size of `spec` (W8A8's
     and W4A8's grids, chosen as rounding to nearest would choose them, so the packed module and its
     kernel stay as they are and only the codes change). The linears are rounded in true-sequential
     order; the next block's inputs (`ctx.outputs`) come from the float linears holding the rounded
-    weights, as GPTQ passes them on, the activations unquantized. Returns {name: integer-valued float
-    codes `[out, in]` in model order}."""
+    weights, as GPTQ passes them on, the activations unquantized. `input_quant(name, x)` with
+    `input_calib` > 0: fit the outputs on the inputs as the packed module will round them (see GPTQ).
+    Returns {name: integer-valued float codes `[out, in]` in model order}."""
     if not ctx.has_data:
         raise CalibrationError("GPTQ rounding needs calibration data (the Hessians of the linears' inputs)")
     rows = {n: linear_weight(m).shape[0] for n, m in linears.items()}
@@ -359,7 +383,8 @@ def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp:
             start += rows[n]
         return torch.cat(parts), None
 
-    gptq = GPTQ(spec, percdamp=percdamp, act_order=act_order, weight_qparams=qparams)
+    gptq = GPTQ(spec, percdamp=percdamp, act_order=act_order, weight_qparams=qparams,
+                input_quant=input_quant if input_calib else None, input_calib=input_calib)
     with ctx.reuse_outputs():
         results = gptq._quantize_steps(ctx, linears)
         if ctx.wants_outputs:
@@ -397,7 +422,8 @@ class GPTQ(Algorithm):
     def __init__(self, spec: QuantSpec, percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
                  static_groups: bool = False, true_sequential: bool = True, clip_grid: int = 0,
                  max_shrink: float = 0.8, forward_dtype: str = "float32", asym_calib: float = 0.0,
-                 hessian_dtype: str = "float32", cross_dtype: str = "float32", weight_qparams=None):
+                 hessian_dtype: str = "float32", cross_dtype: str = "float32", weight_qparams=None,
+                 input_quant=None, input_calib: float = 0.0):
         if spec.is_codebook:
             raise ValueError("GPTQ here rounds onto a uniform grid; codebook (NF4) weights are not supported")
         if not 0 <= percdamp < 1:
@@ -427,12 +453,21 @@ class GPTQ(Algorithm):
         self.cross_dtype = getattr(torch, cross_dtype)  # asymmetric calibration's C
         # (names, stacked weight) -> fixed (scale, zero) `[rows, 1]`, or None: grids chosen as GPTQ goes
         self.weight_qparams = weight_qparams
+        # (name, x) -> x as the packed module will round it (W8A8's int8 activations), or None. With it,
+        # H comes from the rounded inputs and GPTQ fits Q Xq ~ W X, the least-squares target taken by
+        # input_calib (as asym_calib takes the float model's): the weights absorb part of the
+        # activations' rounding error
+        if input_quant is not None and self.asym_calib:
+            raise ValueError("input_quant and asym_calib both set GPTQ's target; use one")
+        if not 0 <= input_calib <= 1:
+            raise ValueError(f"input_calib must be in [0, 1], got {input_calib}")
+        self.input_quant, self.input_calib = input_quant, float(input_calib)
 
     def prepare(self, model, adapter) -> None:
         check_weights(model, adapter, self.spec)
 
     def collect_hessians(self, ctx, names: list[str], targets=None) -> dict[str, Hessian]:
-        return collect_hessians(ctx, names, targets, self.hessian_dtype, self.cross_dtype)
+        return collect_hessians(ctx, names, targets, self.hessian_dtype, self.cross_dtype, self.input_quant)
 
     def float_input_names(self, ctx) -> list[str]:
         if not self.asym_calib:
@@ -478,7 +513,8 @@ class GPTQ(Algorithm):
                 r = gptq_quantize(w, hs[names[0]].H, self.spec, gs, percdamp=self.percdamp,
                                   block_size=self.block_size, act_order=self.act_order,
                                   static_groups=self.static_groups, clip_grid=self.clip_grid,
-                                  max_shrink=self.max_shrink, C=hs[names[0]].C, asym_calib=self.asym_calib,
+                                  max_shrink=self.max_shrink, C=hs[names[0]].C,
+                                  asym_calib=self.input_calib if self.input_quant is not None else self.asym_calib,
                                   qparams=self.weight_qparams(names, w) if self.weight_qparams else None)
                 rows = [t.shape[0] for t in ws]
                 parts = zip(names, mods, r["codes"].split(rows), r["scales"].split(rows),

@@ -20,7 +20,7 @@ from ..models import linear_weight, set_module
 from ..nn import W4A8Linear, is_int8_per_token
 from ..quant import PerChannel, PerGroup, PerTensor, QuantSpec
 from .base import Algorithm
-from .gptq import round_on_fixed_grids
+from .gptq import check_rounding, round_on_fixed_grids
 from .w8a8 import check_finite_weights
 
 
@@ -49,18 +49,14 @@ def check_per_token(activations: QuantSpec | None, what: str) -> None:
 class W4A8(Algorithm):
     name = "w4a8"
     takes_activations = True
-    ROUNDINGS = ("nearest", "gptq")
 
     def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None, rounding: str = "nearest",
                  percdamp: float = 0.01, act_order: bool = True):
         self.spec = spec
         self.weight_granularity, self.group_size = int4_granularity(spec)
         check_per_token(activations, "W4A8")
-        if rounding not in self.ROUNDINGS:
-            raise SpecError(f"w4a8: rounding is one of {self.ROUNDINGS}, got {rounding!r}")
-        if not 0 <= float(percdamp) < 1:
-            raise SpecError(f"w4a8: percdamp must be in [0, 1), got {percdamp!r}")
-        self.rounding, self.percdamp, self.act_order = rounding, float(percdamp), bool(act_order)
+        self.rounding, self.percdamp = check_rounding("w4a8", rounding, percdamp)
+        self.act_order = bool(act_order)
         self.requires_calibration = rounding == "gptq"
 
     def prepare(self, model, adapter) -> None:

@@ -20,6 +20,14 @@ rounded in GPTQ's true-sequential order, each step's Hessian read with the steps
 the activations stay float throughout calibration (as in llm-compressor): the Hessians and the
 outputs passed to the next block come from the float linears holding the rounded weights.
 
+`act_calib` (0..1, with `rounding: gptq`) fits the rounding to the activations the GEMM will see:
+the Hessian comes from the calibration inputs rounded to int8 as W8A8Linear rounds them, and the
+target is the float product W X, taken by that fraction of its least-squares correction (the closed
+form of GPTQ's `asym_calib`). Only the part of the activations' rounding error that correlates with
+the rounded inputs can move into the weights, so per layer the gain is small (a 32 x 64 test layer,
+4096 tokens with outlier channels: 3.7% less output error at 1.0); through a model it adds up
+(SmolLM2-135M W8A8 SmoothQuant O1, held-out validation: ppl +0.75% -> +0.36% at 1.0).
+
 With `fuse_norm` (the default), every norm the adapter pairs with the linears reading its output
 (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up) quantizes that output once for them
 (`lowbit.nn.act_quant_norm`) instead of each linear quantizing the same tensor again; the outputs are
@@ -34,14 +42,14 @@ import torch
 
 from ..calib.stats import collect_activation_stats
 from ..errors import CalibrationError, InvalidWeightsError, SpecError, UnsupportedArchitectureError
-from ..kernels.int8_gemm import QMAX
+from ..kernels.int8_gemm import QMAX, quantize_activation
 from ..models import get_blocks, block_linears, get_module, linear_weight, resolve_scaling_pairs, set_module
 from ..nn import W8A8Linear
 from ..nn import act_quant_norm
 from ..nn.w8a8_linear import int8_weight
 from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .base import Algorithm
-from .gptq import round_on_fixed_grids
+from .gptq import check_rounding, round_on_fixed_grids
 
 
 def weight_granularity(spec: QuantSpec) -> str:
@@ -116,25 +124,30 @@ class W8A8(Algorithm):
     name = "w8a8"
     takes_activations = True
 
-    ROUNDINGS = ("nearest", "gptq")
-
     def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None, fuse_norm: bool = True,
-                 rounding: str = "nearest", percdamp: float = 0.01, act_order: bool = True):
+                 rounding: str = "nearest", percdamp: float = 0.01, act_order: bool = True,
+                 act_calib: float = 0.0):
         self.spec = spec
         if not isinstance(fuse_norm, bool):
             raise SpecError(f"w8a8: fuse_norm is true or false, got {fuse_norm!r}")
-        if rounding not in self.ROUNDINGS:
-            raise SpecError(f"w8a8: rounding is one of {self.ROUNDINGS}, got {rounding!r}")
-        if not 0 <= float(percdamp) < 1:
-            raise SpecError(f"w8a8: percdamp must be in [0, 1), got {percdamp!r}")
         self.fuse_norm = fuse_norm
-        self.rounding = rounding
-        self.percdamp, self.act_order = float(percdamp), bool(act_order)
+        self.rounding, self.percdamp = check_rounding("w8a8", rounding, percdamp)
+        self.act_order = bool(act_order)
         self.activations = activations
         self.weight_granularity = weight_granularity(spec)
         self.act_mode = act_mode(activations)
         # static scales and GPTQ's Hessians come from calibration; dynamic rounding to nearest needs no data
         self.requires_calibration = self.act_mode == "static" or rounding == "gptq"
+        # GPTQ rounding fitted to the int8 activations the GEMM will see: 0 (GPTQ on float inputs, as
+        # llm-compressor) .. 1 (the whole least-squares correction for the activations' rounding)
+        try:
+            self.act_calib = float(act_calib)
+        except (TypeError, ValueError):
+            raise SpecError(f"w8a8: act_calib must be a number in [0, 1], got {act_calib!r}") from None
+        if not 0 <= self.act_calib <= 1:
+            raise SpecError(f"w8a8: act_calib must be in [0, 1], got {act_calib!r}")
+        if self.act_calib and rounding != "gptq":
+            raise SpecError("w8a8: act_calib applies to rounding: gptq")
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
@@ -156,7 +169,7 @@ class W8A8(Algorithm):
                     raise CalibrationError(f"{ctx.name}.{n}: calibration never reached this layer with a non-zero "
                                            f"input; no static scale can be set")
                 scales[n] = stats[n].absmax / QMAX
-        codes = self._gptq_codes(ctx, linears) if self.rounding == "gptq" else {}
+        codes = self._gptq_codes(ctx, linears, scales) if self.rounding == "gptq" else {}
         for n, m in linears.items():
             kw = dict(weight_granularity=self.weight_granularity, act_mode=self.act_mode,
                       input_scale=scales.get(n), name=f"{ctx.name}.{n}")
@@ -167,20 +180,28 @@ class W8A8(Algorithm):
             set_module(ctx.block, n, q.to(linear_weight(m).device))
         fuse_norm_quantization(ctx.block, pairs)
 
-    def _gptq_codes(self, ctx, linears: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _gptq_codes(self, ctx, linears: dict, input_scales: dict[str, float]
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         scales = {}
+
+        def input_quant(n, x):  # x as W8A8Linear will round it
+            x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+            s = input_scales.get(n)
+            q, sx = quantize_activation(x2, self.act_mode, None if s is None else torch.tensor(s))
+            return (q.float() * sx).reshape(x.shape)
 
         def grid(n, w):
             _, scales[n] = int8_weight(w, self.weight_granularity, n)
             return scales[n].reshape(-1, 1).expand(w.shape[0], 1)
 
         spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel())
-        codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=self.percdamp, act_order=self.act_order)
+        codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=self.percdamp, act_order=self.act_order,
+                                     input_quant=input_quant, input_calib=self.act_calib)
         return {n: (q, scales[n]) for n, q in codes.items()}
 
     def config(self) -> dict:
         d = {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode,
              "fuse_norm": self.fuse_norm, "rounding": self.rounding}
         if self.rounding == "gptq":
-            d.update(percdamp=self.percdamp, act_order=self.act_order)
+            d.update(percdamp=self.percdamp, act_order=self.act_order, act_calib=self.act_calib)
         return d
