@@ -150,3 +150,38 @@ def test_per_model_alpha():
     g = tiny_model("qwen2")
     sq.prepare(g, get_adapter(g))
     assert sq.alpha == 0.4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("alpha,objective", [(0.5, "pair"), ("auto", "pair"), ("auto", "block")])
+def test_gqa_tied_value_scales_keep_the_float_function_and_move_o_proj(model_type, alpha, objective):
+    """Under grouped-query attention v -> o is dropped by default; tie_gqa scales o_proj's input with one
+    scale per value channel, shared by the query heads that read it, and v_proj's rows carry the inverse."""
+    import copy
+
+    model = _with_outlier_channels(tiny_model(model_type))
+    cfg = model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(IDS).logits
+    runs = {}
+    for tie, m in ((False, plain), (True, model)):
+        sq = SmoothQuant(alpha=alpha, pairs="all", objective=objective, tie_gqa=tie)
+        sq.prepare(m, get_adapter(m))
+        BlockRunner(m, get_adapter(m), IDS, progress=False).run([sq])
+        runs[tie] = sq
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    for i, (blk, pb) in enumerate(zip(model.model.layers, plain.model.layers)):
+        key = f"model.layers.{i}.self_attn.v_proj"
+        assert key not in runs[False].last_scales and key in runs[True].last_scales
+        s = runs[True].last_scales[key].view(-1, n_rep, hd)
+        assert float((s - 1).abs().max()) > 0.01
+        torch.testing.assert_close(s, s[:, :1].expand_as(s))  # one scale per value channel
+        assert not torch.equal(blk.self_attn.o_proj.weight, pb.self_attn.o_proj.weight)
+        assert not torch.equal(blk.self_attn.v_proj.weight, pb.self_attn.v_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SpecError, match="tie_gqa"):
+        SmoothQuant(tie_gqa="yes")

@@ -42,6 +42,16 @@ counts as it will, where the pair objective weighs every output of the pair alik
 o_proj's) errors reach the block output unchanged, so there the two objectives agree up to the
 sample. Cost: one block forward per alpha and pair on the sampled sequences.
 
+`error: relative` divides each sampled token's squared error by its float output's squared norm
+before summing (pair and block objectives alike): with the default `absolute`, a handful of tokens
+whose outputs are hundreds of times the rest (attention sinks; BOS in Gemma) carry most of the sum
+and choose alpha for everyone.
+
+`tie_gqa: true` (with `pairs: all`) smooths v_proj -> o_proj under grouped-query attention too,
+where the adapter drops the pair: the scale of o_proj's input channel (head h, d) must equal that of
+(h', d) whenever h and h' read the same value head, so each value channel gets the geometric mean of
+its query heads' scales and v_proj's row carries the inverse (`lowbit.models.fold_tied_scales`).
+
 With a fixed alpha, more calibration is not better: max|X_j| only grows with more tokens, so the
 scales follow the rarest tokens and the weights take more of the range than the typical token needs
 (alpha 0.5, the same held-out windows: KL 0.0103 with 16 x 512, 0.0122 with 64 x 512; down_proj's
@@ -51,6 +61,7 @@ input, where single tokens reach |x| ~ 3000, and q/k/v's carry the growth).
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
@@ -58,7 +69,8 @@ from ..calib.runner import call_block
 from ..calib.stats import ActStats
 from ..errors import SpecError
 from ..kernels.int8_gemm import int8_gemm, prepare_int8, quantize_activation
-from ..models import fold_scales, linear_weight, resolve_scaling_pairs
+from ..models import (expand_tied, fold_scales, fold_tied_scales, gqa_value_pairs, linear_weight,
+                      resolve_scaling_pairs, tie_scales)
 from ..nn.w8a8_linear import int8_weight
 from ..quant import PerTensor, PerToken
 from .base import Algorithm
@@ -67,16 +79,34 @@ log = logging.getLogger(__name__)
 
 PAIR_KINDS = {"norm": ("norm",), "all": ("norm", "linear")}
 OBJECTIVES = ("pair", "block")
+ERRORS = ("absolute", "relative")
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))  # 0.2 .. 0.95
 
 
-def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s `[in]` float32 from an input's channel absmax `[in]` and the `[out_i, in]` weights reading it."""
+def _token_error(y: torch.Tensor, ref: torch.Tensor, error: str) -> float:
+    """Squared error of outputs `[..., features]` summed over tokens; "relative" divides each token's
+    by its float output's squared norm, so that the few tokens with outputs hundreds of times the
+    others' (attention sinks, BOS) do not choose alpha alone."""
+    d = (y.float() - ref.float()).pow(2).sum(-1)
+    if error == "relative":
+        d = d / ref.float().pow(2).sum(-1).clamp(min=1e-12)
+    return float(d.sum())
+
+
+def _tied(s: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """o_proj-input scales made equal across the query heads that read one value head."""
+    return expand_tied(tie_scales(s, n_rep, head_dim), n_rep, head_dim)
+
+
+def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float, tie=None) -> torch.Tensor:
+    """s `[in]` float32 from an input's channel absmax `[in]` and the `[out_i, in]` weights reading it.
+    `tie` (a v -> o pair under grouped-query attention) makes the channels that must share a scale equal."""
     w_absmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0)
     a = act_absmax.float().to(w_absmax.device)
     live = (a > 0) & (w_absmax > 0)
     s = a.clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
-    return torch.where(live, s, torch.ones_like(s)).clamp(min=1e-5)
+    s = torch.where(live, s, torch.ones_like(s)).clamp(min=1e-5)
+    return s if tie is None else tie(s)
 
 
 def _rounded_pair(weights: list[torch.Tensor], s: torch.Tensor, weight_granularity: str
@@ -96,31 +126,32 @@ def _reference(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rounded_error(x: torch.Tensor, ref: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor],
-                   alpha: float, weight_granularity: str, act: str) -> float:
-    s = smooth_scales(act_absmax, weights, alpha).to(x.device)
+                   alpha: float, weight_granularity: str, act: str, tie=None, error: str = "absolute") -> float:
+    s = smooth_scales(act_absmax, weights, alpha, tie).to(x.device)
     qx, sx = quantize_activation((x.float() / s).contiguous(), act)
     qw, sw = _rounded_pair(weights, s, weight_granularity)
     # the product W8A8Linear computes, in int32 (a float32 matmul of the dequantized operands cost
     # 2.4-4.4x the time here and was most of the search)
     y = int8_gemm(qx, sx, prepare_int8(qw), sw)
-    return float(torch.nn.functional.mse_loss(y, ref, reduction="sum"))
+    return _token_error(y, ref, error)
 
 
 def smoothing_error(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float,
-                    weight_granularity: str = "channel", act: str = "per_token") -> float:
+                    weight_granularity: str = "channel", act: str = "per_token", error: str = "absolute") -> float:
     """Squared error of the linears' outputs on x `[tokens, in]` once smoothed with alpha and rounded
     to int8 (weights per `weight_granularity`, activations per `act`, as W8A8Linear rounds them:
     per token, or one scale for all of x, dynamic per tensor or a static scale calibrated as these
-    tokens' absmax), against the float outputs."""
-    return _rounded_error(x, _reference(x, weights), act_absmax, weights, alpha, weight_granularity, act)
+    tokens' absmax), against the float outputs (`error`: see `_token_error`)."""
+    return _rounded_error(x, _reference(x, weights), act_absmax, weights, alpha, weight_granularity, act, error=error)
 
 
 def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor],
-                 grid=ALPHA_GRID, weight_granularity: str = "channel", act: str = "per_token"
-                 ) -> tuple[float, dict[float, float]]:
+                 grid=ALPHA_GRID, weight_granularity: str = "channel", act: str = "per_token", tie=None,
+                 error: str = "absolute") -> tuple[float, dict[float, float]]:
     """The alpha of `grid` with the least `smoothing_error`, and every alpha's error."""
     ref = _reference(x, weights)  # the same float outputs for every alpha
-    errs = {float(a): _rounded_error(x, ref, act_absmax, weights, float(a), weight_granularity, act) for a in grid}
+    errs = {float(a): _rounded_error(x, ref, act_absmax, weights, float(a), weight_granularity, act, tie, error)
+            for a in grid}
     return min(errs, key=errs.get), errs
 
 
@@ -151,21 +182,21 @@ def _fake_int8_pair(linears, s: torch.Tensor, weight_granularity: str, act: str)
 
 
 def search_alpha_block(run, ref: list[torch.Tensor], act_absmax: torch.Tensor, linears, grid=ALPHA_GRID,
-                       weight_granularity: str = "channel", act: str = "per_token") -> tuple[float, dict[float, float]]:
+                       weight_granularity: str = "channel", act: str = "per_token", tie=None,
+                       error: str = "absolute") -> tuple[float, dict[float, float]]:
     """The alpha of `grid` whose int8-rounded pair (the other linears of the block left in float)
     gives the block outputs nearest `ref` (squared error), and every alpha's error. `run()` runs the
     block on the sampled calibration sequences and returns its outputs, one per sequence."""
     weights = [linear_weight(m) for m in linears]
     errs = {}
     for a in grid:
-        s = smooth_scales(act_absmax, weights, float(a)).to(weights[0].device)
+        s = smooth_scales(act_absmax, weights, float(a), tie).to(weights[0].device)
         undo = _fake_int8_pair(linears, s, weight_granularity, act)
         try:
             outs = run()
         finally:
             undo()
-        errs[float(a)] = sum(float(torch.nn.functional.mse_loss(o.float(), r.float(), reduction="sum"))
-                             for o, r in zip(outs, ref))
+        errs[float(a)] = sum(_token_error(o, r, error) for o, r in zip(outs, ref))
     return min(errs, key=errs.get), errs
 
 
@@ -175,7 +206,8 @@ class SmoothQuant(Algorithm):
     takes_activations = True  # alpha: auto scores each alpha with the activations rounded as the recipe says
 
     def __init__(self, spec=None, alpha: float | str | dict = 0.5, pairs: str = "norm", alpha_grid=None,
-                 search_tokens: int = 512, objective: str = "pair", activations=None):
+                 search_tokens: int = 512, objective: str = "pair", activations=None, tie_gqa: bool = False,
+                 error: str = "absolute"):
         # alpha: one number, "auto", or {model_type: alpha, "default": alpha} for per-model settings
         self.alpha_setting = alpha
         if pairs not in PAIR_KINDS:
@@ -191,6 +223,14 @@ class SmoothQuant(Algorithm):
         # with that pair rounded ("block": whole calibration sequences of about search_tokens tokens,
         # since attention needs them; what q/k/v's and gate/up's errors do after softmax and gating)
         self.objective = objective
+        if error not in ERRORS:
+            raise SpecError(f"smoothquant: error must be one of {list(ERRORS)}, got {error!r}")
+        self.error = error
+        if not isinstance(tie_gqa, bool):
+            raise SpecError(f"smoothquant: tie_gqa is true or false, got {tie_gqa!r}")
+        # with pairs: all, v -> o under grouped-query attention too: one scale per value channel, shared
+        # by the o_proj columns of the query heads that read it (their geometric mean; see lowbit.models)
+        self.tie_gqa = tie_gqa
         # what the rounding step after this one will do, for the alpha search (the recipe's specs;
         # without them, W8A8 O1's: per-channel weights, per-token activations)
         self.weight_granularity = "tensor" if isinstance(getattr(spec, "granularity", None), PerTensor) else "channel"
@@ -258,6 +298,11 @@ class SmoothQuant(Algorithm):
         config = getattr(self, "_config", None) or getattr(ctx.block, "config", None)
         kinds = PAIR_KINDS[self.pairs]
         pairs = [p for p in resolve_scaling_pairs(ctx.block, ctx.adapter, config) if p.kind in kinds]
+        ties = {}  # id(pair) -> (n_rep, head_dim) for v -> o under grouped-query attention
+        if self.tie_gqa and "linear" in kinds:
+            for _, rp, n_rep, head_dim in gqa_value_pairs(ctx.block, ctx.adapter, config):
+                pairs.append(rp)
+                ties[id(rp)] = (n_rep, head_dim)
         if not pairs:
             return
         # One forward records every pair's input: a fold changes only its own linears' inputs
@@ -272,16 +317,23 @@ class SmoothQuant(Algorithm):
                 continue
             weights = [linear_weight(m) for m in pair.linears]
             alpha = self.alpha
+            tie = None
+            if id(pair) in ties:
+                n_rep, head_dim = ties[id(pair)]
+                tie = partial(_tied, n_rep=n_rep, head_dim=head_dim)
             if alpha == "auto" and self.objective == "block":
                 alpha, errs = search_alpha_block(run, ref, st.channel_absmax, pair.linears, self.alpha_grid,
-                                                 self.weight_granularity, self.act)
+                                                 self.weight_granularity, self.act, tie, self.error)
                 log.debug("%s.%s: alpha %.2f (block errors %s)", ctx.name, pair.prev_name, alpha, errs)
             elif alpha == "auto":
                 alpha, errs = search_alpha(samples[pair.linear_names[0]], st.channel_absmax, weights,
-                                           self.alpha_grid, self.weight_granularity, self.act)
+                                           self.alpha_grid, self.weight_granularity, self.act, tie, self.error)
                 log.debug("%s.%s: alpha %.2f (errors %s)", ctx.name, pair.prev_name, alpha, errs)
-            s = smooth_scales(st.channel_absmax, weights, alpha)
-            fold_scales(pair.prev, pair.linears, s, pair.kind)
+            s = smooth_scales(st.channel_absmax, weights, alpha, tie)
+            if tie is None:
+                fold_scales(pair.prev, pair.linears, s, pair.kind)
+            else:
+                fold_tied_scales(pair, tie_scales(s, n_rep, head_dim), n_rep, head_dim)
             self.last_scales[f"{ctx.name}.{pair.prev_name}"] = s.cpu()
             self.last_alphas[f"{ctx.name}.{pair.prev_name}"] = float(alpha)
 
@@ -301,7 +353,9 @@ class SmoothQuant(Algorithm):
 
     def config(self) -> dict:
         d = {"method": self.name, "alpha": self.alpha, "pairs": self.pairs}
+        if self.tie_gqa:
+            d["tie_gqa"] = True
         if self.alpha == "auto":
             d.update(alpha_grid=list(self.alpha_grid), search_tokens=self.search_tokens, objective=self.objective,
-                     alphas=dict(self.last_alphas))
+                     error=self.error, alphas=dict(self.last_alphas))
         return d
