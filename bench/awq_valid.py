@@ -36,7 +36,7 @@ import torch
 import lowbit
 import lowbit.algorithms.awq as awq_mod
 from lowbit import zoo
-from lowbit.cli import default_bos
+from lowbit.models import expects_bos
 from lowbit.eval import evaluate, load_windows
 from lowbit.recipes import load_recipe
 
@@ -93,7 +93,7 @@ def main() -> None:
 
     model = lowbit.load(zoo.pull(args.model))
     tok = model.lowbit_tokenizer
-    bos = default_bos(model)
+    bos = expects_bos(model)
     made = []  # the AWQ instance the recipe builds, for its phase timings
     real_init = awq_mod.AWQ.__init__
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import lowbit
 from lowbit import zoo
-from lowbit.cli import default_bos
+from lowbit.models import expects_bos
 from lowbit.eval import ReferenceLogits, bits_per_weight, evaluate, load_windows, measure_throughput, model_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def load_reference(model: str, text: str | os.PathLike = WIKI_TEST, windows: int
                    seqlen: int = 512) -> Reference:
     src = resolve_source(model)
     fp = lowbit.load(src)
-    bos = default_bos(fp)
+    bos = expects_bos(fp)
     ids = load_windows(fp.lowbit_tokenizer, text, seqlen=seqlen, windows=windows, bos=bos)
     print(f"{model}: {ids.shape[0]} windows x {ids.shape[1]} tokens of {Path(text).name}"
           f"{' (BOS per window)' if bos else ''}", flush=True)

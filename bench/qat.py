@@ -36,7 +36,7 @@ import lowbit
 from lowbit import zoo
 from lowbit.algorithms import BlockAP, qat
 from lowbit.calib import BlockRunner
-from lowbit.cli import default_bos
+from lowbit.models import expects_bos
 from lowbit.eval import evaluate, load_windows
 from lowbit.kernels.wint import BACKEND_ENV
 from lowbit.models import get_adapter
@@ -247,7 +247,7 @@ def main() -> None:
     src = zoo.pull(args.model) if args.model in zoo.ZOO else Path(args.model)
     teacher = lowbit.load(src)
     tok = teacher.lowbit_tokenizer
-    bos = default_bos(teacher)
+    bos = expects_bos(teacher)
     test = load_windows(tok, WIKI_TEST, seqlen=args.seqlen, windows=args.windows, bos=bos)
     valid = load_windows(tok, WIKI_VALID, seqlen=args.seqlen, bos=bos)
     train, heldout = valid[: -args.heldout], valid[-args.heldout:]

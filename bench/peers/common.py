@@ -40,7 +40,7 @@ from torch import nn
 
 import lowbit
 from lowbit import zoo
-from lowbit.cli import default_bos
+from lowbit.models import expects_bos
 from lowbit.eval import evaluate, load_windows
 
 from .venv import ensure_venv
@@ -261,7 +261,7 @@ class PeerBench:
 
         self.fp = lowbit.load(self.src)
         tok = self.fp.lowbit_tokenizer
-        self.bos = default_bos(self.fp)
+        self.bos = expects_bos(self.fp)
         self.windows = load_windows(tok, args.text, seqlen=args.eval_seqlen, windows=args.windows, bos=self.bos)
         self.say(f"evaluation: {self.windows.shape[0]} windows x {self.windows.shape[1]} tokens of "
                  f"{Path(args.text).name}{' (BOS per window)' if self.bos else ''}")

@@ -62,7 +62,8 @@ def quantize(model: nn.Module | str | Path, recipe: str | Path | Recipe = "w4a16
     `calib` is a calibration source (`lowbit.calib.text_file(...)`) or a LongTensor of token ids
     `[n, L]`; recipes whose methods need no data (RTN) ignore it. Its size comes from
     calib_samples/calib_seqlen, else the source's own n_samples/seqlen, else the recipe's
-    `calibration` block, else 128 x 512.
+    `calibration` block, else 128 x 512. Windows cut from text start with BOS only when the source
+    asks (`text_file(..., bos=True)`).
     """
     if isinstance(model, (str, Path)):
         model = load(model)

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration text file")
     q.add_argument("--calib-samples", type=int)
     q.add_argument("--calib-seqlen", type=int)
+    q.add_argument("--calib-bos", action="store_true",
+                   help="start each calibration window with BOS (the layout of Gemma's evaluation windows)")
     q.add_argument("--out", required=True)
     q.add_argument("--format", default="lowbit", choices=["lowbit", "awq", "gptq", "compressed-tensors"],
                    help="checkpoint format: lowbit's own; AutoAWQ's (4-bit asymmetric; vLLM, SGLang, transformers); "
@@ -111,11 +113,6 @@ def _write_json(path: str | None, result: dict) -> None:
             Path(tmp).write_text(text + "\n")
 
 
-def default_bos(model) -> bool:
-    # Gemma models are trained with BOS at the start of every sequence and degrade without it.
-    return str(getattr(model.config, "model_type", "")).startswith("gemma")
-
-
 def check_recipe_fits_format(recipe, fmt: str) -> None:
     """Refuse a recipe whose weights the checkpoint format cannot hold (the layer shapes are checked
     when saving)."""
@@ -157,7 +154,7 @@ def cmd_quantize(a) -> None:
         raise LowbitError(f"--float-dtype applies to --format lowbit; {a.format} checkpoints store fp16")
     t0 = time.perf_counter()
     model = api.load(a.model)
-    src = calib.text_file(a.calib) if a.calib else None
+    src = calib.text_file(a.calib, bos=True if a.calib_bos else None) if a.calib else None
     api.quantize(model, recipe, src, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, device=a.device)
     elapsed = time.perf_counter() - t0
     api.save(model, out, format=a.format, version=a.awq_version if a.format == "awq" else None,
@@ -207,12 +204,13 @@ def cmd_train_qat(a) -> None:
 def cmd_eval(a) -> None:
     from . import api
     from .eval import bits_per_weight, evaluate, load_windows, model_bytes
+    from .models import expects_bos
 
     model = api.load(a.model)
     tok = model.lowbit_tokenizer
     if tok is None:
         raise LowbitError(f"{a.model} has no tokenizer files; evaluation needs one")
-    bos = default_bos(model) if a.bos is None else a.bos
+    bos = expects_bos(model) if a.bos is None else a.bos
     windows = load_windows(tok, a.ppl, seqlen=a.seqlen, windows=a.windows, bos=bos)
     ref = api.load(a.ref) if a.ref else None
     t0 = time.perf_counter()
