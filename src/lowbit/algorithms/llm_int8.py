@@ -2,44 +2,67 @@
 
 Each linear becomes a `MixedInt8Linear`: int8 weights with one absmax scale per output row, int8
 activations with one scale per token, and at run time the feature columns where some token's
-magnitude exceeds `threshold` (6.0 in the paper) multiplied in 16-bit instead. No calibration: the
-outliers are found on every call.
+magnitude exceeds `threshold` (6.0 in the paper) multiplied in 16-bit instead. With the default
+`rounding: nearest` no calibration: the outliers are found on every call.
+
+`rounding: gptq` keeps all of that (the same row scales, the same run-time decomposition, the same
+checkpoint and kernel) and lets GPTQ choose the int8 codes on that grid from calibration data, as
+`w8a8`'s option of the same name does; `act_calib` (0..1) fits them to the inputs as the mixed matmul
+sees them (outlier columns as they are, the rest rounded per token), so that part of the activations'
+rounding error moves into the weights. That is what costs LLM.int8() on these small models: per-token
+int8 over a 576-wide hidden state whose large channels sit between 2 and 6, under the threshold.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..errors import SpecError
+from ..kernels.mixed_int8 import mixed_int8_input
 from ..models import linear_weight, set_module
 from ..nn import MixedInt8Linear
 from ..quant import QuantSpec
 from .base import Algorithm
-from .w8a8 import check_finite_weights, weight_granularity
+from .gptq import check_rounding
+from .w8a8 import check_act_calib, check_finite_weights, gptq_int8_codes, weight_granularity
 
 
 class LLMInt8(Algorithm):
     name = "llm_int8"
-    requires_calibration = False
 
-    def __init__(self, spec: QuantSpec, threshold: float = 6.0):
+    def __init__(self, spec: QuantSpec, threshold: float = 6.0, rounding: str = "nearest", percdamp: float = 0.01,
+                 act_order: bool = True, act_calib: float = 0.0):
         if weight_granularity(spec) != "channel":
             raise SpecError(f"LLM.int8() quantizes weights per output row (vector-wise), the recipe has {spec}")
         self.spec = spec
         self.threshold = float(threshold)
         MixedInt8Linear(1, 1, threshold=self.threshold)  # refuses a bad threshold before any work
+        self.rounding, self.percdamp = check_rounding("llm_int8", rounding, percdamp)
+        self.act_order = bool(act_order)
+        self.act_calib = check_act_calib("llm_int8", act_calib, rounding)
+        self.requires_calibration = rounding == "gptq"
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
 
     @torch.no_grad()
     def quantize_block(self, ctx) -> None:
-        for n, m in ctx.linears.items():
-            if isinstance(m, MixedInt8Linear):
-                continue
-            q = MixedInt8Linear.from_weight(linear_weight(m), getattr(m, "bias", None), threshold=self.threshold,
-                                            name=f"{ctx.name}.{n}")
-            set_module(ctx.block, n, q)
+        linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, MixedInt8Linear)}
+        codes = {}
+        if self.rounding == "gptq":
+            codes = gptq_int8_codes(ctx, linears, "channel", percdamp=self.percdamp, act_order=self.act_order,
+                                    input_quant=lambda n, x: mixed_int8_input(x, self.threshold),
+                                    act_calib=self.act_calib)
+        for n, m in linears.items():
+            make = (partial(MixedInt8Linear.from_codes, *codes[n]) if n in codes
+                    else partial(MixedInt8Linear.from_weight, linear_weight(m)))
+            q = make(getattr(m, "bias", None), threshold=self.threshold, name=f"{ctx.name}.{n}")
+            set_module(ctx.block, n, q.to(linear_weight(m).device))
 
     def config(self) -> dict:
-        return {"method": self.name, "threshold": self.threshold}
+        d = {"method": self.name, "threshold": self.threshold, "rounding": self.rounding}
+        if self.rounding == "gptq":
+            d.update(percdamp=self.percdamp, act_order=self.act_order, act_calib=self.act_calib)
+        return d

@@ -120,6 +120,36 @@ def fuse_norm_quantization(block, pairs: list[tuple[str, tuple[str, ...]]]) -> l
     return fused
 
 
+def check_act_calib(method: str, act_calib, rounding: str) -> float:
+    """The `act_calib` option (0..1, only with `rounding: gptq`), refused by the step's name."""
+    try:
+        v = float(act_calib)
+    except (TypeError, ValueError):
+        raise SpecError(f"{method}: act_calib must be a number in [0, 1], got {act_calib!r}") from None
+    if not 0 <= v <= 1:
+        raise SpecError(f"{method}: act_calib must be in [0, 1], got {act_calib!r}")
+    if v and rounding != "gptq":
+        raise SpecError(f"{method}: act_calib applies to rounding: gptq")
+    return v
+
+
+def gptq_int8_codes(ctx, linears: dict, granularity: str, *, percdamp: float, act_order: bool,
+                    input_quant=None, act_calib: float = 0.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ-rounded int8 codes on the grid rounding to nearest would use (`int8_weight`'s scales, per
+    tensor or per output channel): {name: (codes `[out, in]`, scales)}. `input_quant(name, x)` is x as
+    the packed module will round it, used with `act_calib` > 0 (see the module doc)."""
+    scales = {}
+
+    def grid(n, w):
+        _, scales[n] = int8_weight(w, granularity, n)
+        return scales[n].reshape(-1, 1).expand(w.shape[0], 1)
+
+    spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel())
+    codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=percdamp, act_order=act_order,
+                                 input_quant=input_quant, input_calib=act_calib)
+    return {n: (q, scales[n]) for n, q in codes.items()}
+
+
 class W8A8(Algorithm):
     name = "w8a8"
     takes_activations = True
@@ -140,14 +170,7 @@ class W8A8(Algorithm):
         self.requires_calibration = self.act_mode == "static" or rounding == "gptq"
         # GPTQ rounding fitted to the int8 activations the GEMM will see: 0 (GPTQ on float inputs, as
         # llm-compressor) .. 1 (the whole least-squares correction for the activations' rounding)
-        try:
-            self.act_calib = float(act_calib)
-        except (TypeError, ValueError):
-            raise SpecError(f"w8a8: act_calib must be a number in [0, 1], got {act_calib!r}") from None
-        if not 0 <= self.act_calib <= 1:
-            raise SpecError(f"w8a8: act_calib must be in [0, 1], got {act_calib!r}")
-        if self.act_calib and rounding != "gptq":
-            raise SpecError("w8a8: act_calib applies to rounding: gptq")
+        self.act_calib = check_act_calib("w8a8", act_calib, rounding)
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
@@ -182,22 +205,14 @@ class W8A8(Algorithm):
 
     def _gptq_codes(self, ctx, linears: dict, input_scales: dict[str, float]
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        scales = {}
-
         def input_quant(n, x):  # x as W8A8Linear will round it
             x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
             s = input_scales.get(n)
             q, sx = quantize_activation(x2, self.act_mode, None if s is None else torch.tensor(s))
             return (q.float() * sx).reshape(x.shape)
 
-        def grid(n, w):
-            _, scales[n] = int8_weight(w, self.weight_granularity, n)
-            return scales[n].reshape(-1, 1).expand(w.shape[0], 1)
-
-        spec = QuantSpec(bits=8, symmetric=True, granularity=PerChannel())
-        codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=self.percdamp, act_order=self.act_order,
-                                     input_quant=input_quant, input_calib=self.act_calib)
-        return {n: (q, scales[n]) for n, q in codes.items()}
+        return gptq_int8_codes(ctx, linears, self.weight_granularity, percdamp=self.percdamp,
+                               act_order=self.act_order, input_quant=input_quant, act_calib=self.act_calib)
 
     def config(self) -> dict:
         d = {"method": self.name, "weights": self.weight_granularity, "activations": self.act_mode,

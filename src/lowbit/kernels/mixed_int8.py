@@ -18,7 +18,7 @@ import torch
 from lowbit.errors import SpecError
 from lowbit.kernels.int8_gemm import act_offset, int8_gemm, int8_gemm_ref, quantize_per_token
 
-__all__ = ["mixed_int8_matmul", "mixed_int8_matmul_ref", "outlier_columns"]
+__all__ = ["mixed_int8_input", "mixed_int8_matmul", "mixed_int8_matmul_ref", "outlier_columns"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -40,6 +40,18 @@ def _split(x2: torch.Tensor, threshold: float):
     cols = outlier_columns(x2, threshold)
     x_in = x2.index_fill(1, cols, 0.0) if cols.numel() else x2
     return cols, x_in
+
+
+def mixed_int8_input(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x ``[..., K]`` in float32 as the mixed matmul sees it: the outlier columns of this call as they
+    are, every other column rounded to int8 per token (what GPTQ's `input_quant` fits the weights to)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    cols, x_in = _split(x2, threshold)
+    qx, xs = quantize_per_token(x_in.contiguous())
+    y = qx.float() * xs
+    if cols.numel():
+        y.index_copy_(1, cols, x2.index_select(1, cols))
+    return y.reshape(x.shape)
 
 
 def _outlier_part(x2, cols, qw, w_scale, dt) -> torch.Tensor:

@@ -38,6 +38,17 @@ class MixedInt8Linear(W8A8Linear):
         m.load_state_dict(base.state_dict())
         return m.to(weight.device)
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
+                   threshold: float = 6.0, name: str = "") -> "MixedInt8Linear":
+        """From integer codes `[out, in]` and row scales `[out, 1]` rounded elsewhere (GPTQ)."""
+        base = W8A8Linear.from_codes(codes, weight_scale, bias, weight_granularity="channel", act_mode="per_token",
+                                     name=name)
+        m = cls(base.in_features, base.out_features, threshold=threshold, bias=bias is not None,
+                bias_dtype=bias.dtype if bias is not None else torch.float32, name=name)
+        m.load_state_dict(base.state_dict())
+        return m.to(codes.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.mixed_int8_matmul(x, self._prepared(), self.weight_scale, self.bias, self.threshold)
 
