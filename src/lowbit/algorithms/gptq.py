@@ -351,13 +351,27 @@ ROUNDINGS = ("nearest", "gptq")
 
 
 def check_rounding(method: str, rounding, percdamp) -> tuple[str, float]:
-    """The `rounding` and `percdamp` options of the steps that round onto a fixed grid (w8a8, w4a8),
+    """The `rounding` and `percdamp` options of the steps that round onto a fixed grid (w8a8, w4a8, llm_int8),
     refused by the step's name before any work."""
     if rounding not in ROUNDINGS:
         raise SpecError(f"{method}: rounding is one of {ROUNDINGS}, got {rounding!r}")
     if not 0 <= float(percdamp) < 1:
         raise SpecError(f"{method}: percdamp must be in [0, 1), got {percdamp!r}")
     return rounding, float(percdamp)
+
+
+def check_act_calib(method: str, act_calib, rounding: str) -> float:
+    """The `act_calib` option of the int8 steps (w8a8, llm_int8): how much of the activations' rounding
+    GPTQ fits to (0..1, GPTQ's `input_calib`), only with `rounding: gptq`; refused by the step's name."""
+    try:
+        v = float(act_calib)
+    except (TypeError, ValueError):
+        raise SpecError(f"{method}: act_calib must be a number in [0, 1], got {act_calib!r}") from None
+    if not 0 <= v <= 1:
+        raise SpecError(f"{method}: act_calib must be in [0, 1], got {act_calib!r}")
+    if v and rounding != "gptq":
+        raise SpecError(f"{method}: act_calib applies to rounding: gptq")
+    return v
 
 
 @torch.no_grad()

@@ -15,8 +15,6 @@ int8 over a 576-wide hidden state whose large channels sit between 2 and 6, unde
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from ..errors import SpecError
@@ -25,8 +23,8 @@ from ..models import linear_weight, set_module
 from ..nn import MixedInt8Linear
 from ..quant import QuantSpec
 from .base import Algorithm
-from .gptq import check_rounding
-from .w8a8 import check_act_calib, check_finite_weights, gptq_int8_codes, weight_granularity
+from .gptq import check_act_calib, check_rounding
+from .w8a8 import check_finite_weights, gptq_int8_codes, weight_granularity
 
 
 class LLMInt8(Algorithm):
@@ -56,9 +54,11 @@ class LLMInt8(Algorithm):
                                     input_quant=lambda n, x: mixed_int8_input(x, self.threshold),
                                     act_calib=self.act_calib)
         for n, m in linears.items():
-            make = (partial(MixedInt8Linear.from_codes, *codes[n]) if n in codes
-                    else partial(MixedInt8Linear.from_weight, linear_weight(m)))
-            q = make(getattr(m, "bias", None), threshold=self.threshold, name=f"{ctx.name}.{n}")
+            kw = dict(threshold=self.threshold, name=f"{ctx.name}.{n}")
+            if n in codes:
+                q = MixedInt8Linear.from_codes(*codes[n], getattr(m, "bias", None), **kw)
+            else:
+                q = MixedInt8Linear.from_weight(linear_weight(m), getattr(m, "bias", None), **kw)
             set_module(ctx.block, n, q.to(linear_weight(m).device))
 
     def config(self) -> dict:

@@ -49,7 +49,7 @@ from ..nn import act_quant_norm
 from ..nn.w8a8_linear import int8_weight
 from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from .base import Algorithm
-from .gptq import check_rounding, round_on_fixed_grids
+from .gptq import check_act_calib, check_rounding, round_on_fixed_grids
 
 
 def weight_granularity(spec: QuantSpec) -> str:
@@ -118,19 +118,6 @@ def fuse_norm_quantization(block, pairs: list[tuple[str, tuple[str, ...]]]) -> l
             continue
         fused.append(norm)
     return fused
-
-
-def check_act_calib(method: str, act_calib, rounding: str) -> float:
-    """The `act_calib` option (0..1, only with `rounding: gptq`), refused by the step's name."""
-    try:
-        v = float(act_calib)
-    except (TypeError, ValueError):
-        raise SpecError(f"{method}: act_calib must be a number in [0, 1], got {act_calib!r}") from None
-    if not 0 <= v <= 1:
-        raise SpecError(f"{method}: act_calib must be in [0, 1], got {act_calib!r}")
-    if v and rounding != "gptq":
-        raise SpecError(f"{method}: act_calib applies to rounding: gptq")
-    return v
 
 
 def gptq_int8_codes(ctx, linears: dict, granularity: str, *, percdamp: float, act_order: bool,

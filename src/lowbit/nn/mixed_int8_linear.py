@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import SpecError
-from .w8a8_linear import W8A8Linear
+from .w8a8_linear import W8A8Linear, int8_weight
 
 
 class MixedInt8Linear(W8A8Linear):
@@ -32,11 +32,8 @@ class MixedInt8Linear(W8A8Linear):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, threshold: float = 6.0,
                     name: str = "") -> "MixedInt8Linear":
-        base = W8A8Linear.from_weight(weight, bias, weight_granularity="channel", act_mode="per_token", name=name)
-        m = cls(base.in_features, base.out_features, threshold=threshold, bias=bias is not None,
-                bias_dtype=bias.dtype if bias is not None else torch.float32, name=name)
-        m.load_state_dict(base.state_dict())
-        return m.to(weight.device)
+        q, s = int8_weight(weight, "channel", name)
+        return cls.from_codes(q, s, bias, threshold=threshold, name=name)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
