@@ -181,3 +181,62 @@ def test_act_calib_fits_the_int8_activations_on_the_same_grid():
         rec = _recipe("w8a8-sq-o1", rounding, act_calib=bad)
         with pytest.raises(SpecError, match="act_calib"):
             rec.build()
+
+
+def test_quantized_calib_forward_targets_the_float_inputs():
+    """collect_hessians with both the float model's inputs and input_quant (calib_forward: quantized):
+    H of the stream's inputs as the module rounds them, the cross term against the float model's."""
+    from lowbit.algorithms.gptq import collect_hessians
+    from lowbit.kernels.int8_gemm import quantize_per_token
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(600, 24, generator=g)
+    x_fp = x + 0.05 * torch.randn(600, 24, generator=g)  # the float model's input of the same layer
+
+    def rounded(_name, t):
+        q, s = quantize_per_token(t.reshape(-1, t.shape[-1]).contiguous())
+        return (q.float() * s).reshape(t.shape)
+
+    class Ctx:
+        def run_inputs(self, names, record):
+            for part in x.split(200):
+                record(names[0], part)
+
+    hs = collect_hessians(Ctx(), ["lin"], {"lin": list(x_fp.split(200))}, input_quant=rounded)["lin"]
+    xq = rounded("lin", x)
+    torch.testing.assert_close(hs.H, 2 * xq.t() @ xq / 600, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hs.C, 2 * (x_fp - xq).t() @ xq / 600, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset,step", [("w8a8-sq-o1", "w8a8"), ("w8a8-llm-int8-gptq", "llm_int8")])
+def test_quantized_calib_forward(preset, step):
+    """calib_forward: quantized keeps the grid and the modules, leaves no hook behind, and changes the
+    codes (the later linears are fitted on the rounded activations of the earlier ones)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 30.0
+        want = model(IDS).logits
+    got, mods = {}, {}
+    for cf in ("float", "quantized"):
+        rec = load_recipe(preset)
+        rec.steps[-1].update(calib_forward=cf)
+        m = tiny_model("llama")
+        m.load_state_dict(model.state_dict())
+        q = lowbit.quantize(m, rec, IDS, progress=False)
+        assert q.lowbit_recipe["steps"][-1]["calib_forward"] == cf
+        assert not any(x._forward_pre_hooks for x in q.modules())
+        mods[cf] = {n: x for n, x in q.named_modules() if hasattr(x, "weight_scale")}
+        with torch.no_grad():
+            got[cf] = q(IDS).logits
+    assert len(mods["float"]) == len(mods["quantized"]) == 14
+    rel = float((got["quantized"] - want).pow(2).mean() / want.pow(2).mean())
+    assert rel < 0.01
+    # block 0's q/k/v see the same inputs either way: same Hessian, same codes; later linears differ
+    l0 = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(mods["float"][l0].weight, mods["quantized"][l0].weight)
+    assert any(not torch.equal(x.weight, mods["float"][n].weight) for n, x in mods["quantized"].items())
+    for bad in (dict(calib_forward="int8"), dict(calib_forward="quantized", act_calib=0.0)):
+        rec = load_recipe(preset)
+        rec.steps[-1].update(bad)
+        with pytest.raises(SpecError, match="calib_forward"):
+            rec.build()

@@ -305,17 +305,18 @@ def collect_hessians(ctx, names: list[str], targets: dict[str, list[torch.Tensor
     as the last of them has its input); with `targets` ({name: the float model's inputs, one per
     calibration batch}), the cross term of asymmetric calibration too. With `input_quant(name, x)`
     instead, H of the inputs as it rounds them and the cross term against the inputs themselves
-    (GPTQ's `input_quant`). `dtype`: see Hessian."""
-    if input_quant is not None and targets is not None:
-        raise ValueError("collect_hessians: targets and input_quant both set the cross term; use one")
+    (GPTQ's `input_quant`); with both, H of the rounded inputs and the cross term against the float
+    model's (GPTQ's `calib_forward: quantized`). `dtype`: see Hessian."""
     hs: dict[str, Hessian] = {}
+    own_target = input_quant is not None and targets is None
 
     def record(name, x):
         if name not in hs:
-            t = [] if input_quant is not None else None if targets is None else targets[name]
+            t = [] if own_target else None if targets is None else targets[name]
             hs[name] = Hessian(x.shape[-1], x.device, t, dtype, cross_dtype)
         if input_quant is not None:
-            hs[name].targets.append(x)
+            if own_target:
+                hs[name].targets.append(x)
             x = input_quant(name, x)
         hs[name].add(x)
 
@@ -348,6 +349,7 @@ def sequential_owners(adapter, linears, true_sequential: bool = True) -> list[li
 
 
 ROUNDINGS = ("nearest", "gptq")
+CALIB_FORWARDS = ("float", "quantized")
 
 
 def check_rounding(method: str, rounding, percdamp) -> tuple[str, float]:
@@ -374,10 +376,21 @@ def check_act_calib(method: str, act_calib, rounding: str) -> float:
     return v
 
 
+def check_calib_forward(method: str, calib_forward, act_calib: float) -> str:
+    """The `calib_forward` option of the int8 steps: "float" (the activations stay float while GPTQ
+    calibrates, as llm-compressor's) or "quantized" (see round_on_fixed_grids; needs act_calib > 0)."""
+    if calib_forward not in CALIB_FORWARDS:
+        raise SpecError(f"{method}: calib_forward must be one of {CALIB_FORWARDS}, got {calib_forward!r}")
+    if calib_forward == "quantized" and not act_calib:
+        raise SpecError(f"{method}: calib_forward: quantized fits GPTQ to the rounded activations; "
+                        f"it needs rounding: gptq and act_calib > 0")
+    return calib_forward
+
+
 @torch.no_grad()
 def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp: float = 0.01,
-                         act_order: bool = True, input_quant=None, input_calib: float = 0.0
-                         ) -> dict[str, torch.Tensor]:
+                         act_order: bool = True, input_quant=None, input_calib: float = 0.0,
+                         calib_forward: str = "float") -> dict[str, torch.Tensor]:
     """GPTQ's error-compensating rounding onto grids chosen beforehand: `grid(name, weight)` gives each
     linear's symmetric scales, `[out, 1]` or `[out, in / G]` with G the group size of `spec` (W8A8's
     and W4A8's grids, chosen as rounding to nearest would choose them, so the packed module and its
@@ -385,6 +398,12 @@ def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp:
     order; the next block's inputs (`ctx.outputs`) come from the float linears holding the rounded
     weights, as GPTQ passes them on, the activations unquantized. `input_quant(name, x)` with
     `input_calib` > 0: fit the outputs on the inputs as the packed module will round them (see GPTQ).
+
+    `calib_forward` "quantized" calibrates on the quantized forward instead: each rounded linear then
+    rounds its inputs too, so the later steps' Hessians and the next block's inputs carry the error of
+    every activation rounding before them, and the target is the float model's product W X_fp (X_fp
+    recorded here from the runner's float stream: the algorithm sets `needs_float_outputs`), so GPTQ
+    can undo part of the error the earlier layers made, not only the layer's own.
     Returns {name: integer-valued float codes `[out, in]` in model order}."""
     if not ctx.has_data:
         raise CalibrationError("GPTQ rounding needs calibration data (the Hessians of the linears' inputs)")
@@ -397,12 +416,25 @@ def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp:
             start += rows[n]
         return torch.cat(parts), None
 
+    quantized = calib_forward == "quantized"
+    if quantized and not (input_quant is not None and input_calib):
+        raise ValueError("calib_forward 'quantized' needs input_quant and input_calib > 0")
     gptq = GPTQ(spec, percdamp=percdamp, act_order=act_order, weight_qparams=qparams,
-                input_quant=input_quant if input_calib else None, input_calib=input_calib)
-    with ctx.reuse_outputs():
-        results = gptq._quantize_steps(ctx, linears)
-        if ctx.wants_outputs:
-            ctx.outputs = ctx.forward()  # only down_proj runs again (reuse_outputs)
+                input_quant=input_quant if input_calib else None, input_calib=input_calib,
+                calib_forward=calib_forward)
+    targets = None
+    if quantized:
+        # the float model's inputs of each step's first linear, in the block's current basis (after any
+        # smoothing an earlier step folded in): the float stream through the block as it stands now
+        firsts = [o[0] for owners in sequential_owners(ctx.adapter, linears, True) for o in owners]
+        _, targets = ctx.forward_recording(firsts, float_inputs=True)
+    try:
+        with ctx.reuse_outputs():
+            results = gptq._quantize_steps(ctx, linears, targets)
+            if ctx.wants_outputs:
+                ctx.outputs = ctx.forward()  # only down_proj runs again (reuse_outputs)
+    finally:
+        gptq.remove_input_hooks()
     out = {}
     for n, (q, _s, _z, perm) in results.items():
         if perm is not None:  # fixed grids put the codes back in model order; anything else is a bug
@@ -437,7 +469,7 @@ class GPTQ(Algorithm):
                  static_groups: bool = False, true_sequential: bool = True, clip_grid: int = 0,
                  max_shrink: float = 0.8, forward_dtype: str = "float32", asym_calib: float = 0.0,
                  hessian_dtype: str = "float32", cross_dtype: str = "float32", weight_qparams=None,
-                 input_quant=None, input_calib: float = 0.0):
+                 input_quant=None, input_calib: float = 0.0, calib_forward: str = "float"):
         if spec.is_codebook:
             raise ValueError("GPTQ here rounds onto a uniform grid; codebook (NF4) weights are not supported")
         if not 0 <= percdamp < 1:
@@ -476,6 +508,16 @@ class GPTQ(Algorithm):
         if not 0 <= input_calib <= 1:
             raise ValueError(f"input_calib must be in [0, 1], got {input_calib}")
         self.input_quant, self.input_calib = input_quant, float(input_calib)
+        # "quantized": once a step is rounded its linears round their inputs as input_quant says (forward
+        # pre-hooks, until remove_input_hooks), so the later steps' Hessians and the block's outputs are
+        # those of the quantized forward; the target is then the float model's product (`targets` of
+        # _quantize_steps) instead of the same stream's
+        if calib_forward not in CALIB_FORWARDS:
+            raise ValueError(f"calib_forward must be one of {CALIB_FORWARDS}, got {calib_forward!r}")
+        if calib_forward == "quantized" and input_quant is None:
+            raise ValueError("calib_forward 'quantized' needs input_quant (how the packed modules round inputs)")
+        self.calib_forward = calib_forward
+        self._input_hooks = []
 
     def prepare(self, model, adapter) -> None:
         check_weights(model, adapter, self.spec)
@@ -507,16 +549,18 @@ class GPTQ(Algorithm):
                                       name=f"{ctx.name}.{n}")
             set_module(ctx.block, n, mod.to(linear_weight(m).device))
 
-    def _quantize_steps(self, ctx, linears: dict | None = None) -> dict:
+    def _quantize_steps(self, ctx, linears: dict | None = None, targets: dict | None = None) -> dict:
         """Rounds the block's float linears (or those given) in sequential order; returns, per linear,
-        (codes, scales, zeros, perm), with each float linear now holding its rounded weight."""
+        (codes, scales, zeros, perm), with each float linear now holding its rounded weight. `targets`:
+        {first linear of each shared input: the float model's inputs, one per chunk} (with input_quant)."""
         if linears is None:
             linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, WQLinear)}
         results = {}
         order = sequential_owners(ctx.adapter, linears, self.true_sequential)
-        targets = None
         if self.asym_calib:
-            targets = {n: list(xs) for n, xs in ctx.float_inputs_of.items()}
+            targets = ctx.float_inputs_of
+        if targets is not None:
+            targets = {n: list(xs) for n, xs in targets.items()}
         for owners in order:
             hs = self.collect_hessians(ctx, [o[0] for o in owners], targets)
             for names in owners:
@@ -538,8 +582,16 @@ class GPTQ(Algorithm):
                     # later steps must see this step's rounding (true-sequential)
                     set_linear_weight(m, wq.to(linear_weight(m).dtype))
                     results[n] = (q, s, z, r["perm"])
+                    if self.calib_forward == "quantized":
+                        self._input_hooks.append(m.register_forward_pre_hook(
+                            lambda _m, args, _n=n: (self.input_quant(_n, args[0]), *args[1:])))
             del hs
         return results
+
+    def remove_input_hooks(self) -> None:
+        for h in self._input_hooks:
+            h.remove()
+        self._input_hooks = []
 
     def config(self) -> dict:
         return {"method": self.name, "percdamp": self.percdamp, "block_size": self.block_size,

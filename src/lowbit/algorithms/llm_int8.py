@@ -11,6 +11,8 @@ checkpoint and kernel) and lets GPTQ choose the int8 codes on that grid from cal
 sees them (outlier columns as they are, the rest rounded per token), so that part of the activations'
 rounding error moves into the weights. That is what costs LLM.int8() on these small models: per-token
 int8 over a 576-wide hidden state whose large channels sit between 2 and 6, under the threshold.
+`calib_forward: quantized` fits them on the quantized forward against the float model's products (see
+`w8a8`): held-out validation, SmolLM2 ppl +0.89% -> +0.75%, Gemma-3 +0.65% -> +1.24%; off by default.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..models import linear_weight, set_module
 from ..nn import MixedInt8Linear
 from ..quant import QuantSpec
 from .base import Algorithm
-from .gptq import check_act_calib, check_rounding
+from .gptq import check_act_calib, check_calib_forward, check_rounding
 from .w8a8 import check_finite_weights, gptq_int8_codes, weight_granularity
 
 
@@ -31,7 +33,7 @@ class LLMInt8(Algorithm):
     name = "llm_int8"
 
     def __init__(self, spec: QuantSpec, threshold: float = 6.0, rounding: str = "nearest", percdamp: float = 0.01,
-                 act_order: bool = True, act_calib: float = 0.0):
+                 act_order: bool = True, act_calib: float = 0.0, calib_forward: str = "float"):
         if weight_granularity(spec) != "channel":
             raise SpecError(f"LLM.int8() quantizes weights per output row (vector-wise), the recipe has {spec}")
         self.spec = spec
@@ -40,6 +42,8 @@ class LLMInt8(Algorithm):
         self.rounding, self.percdamp = check_rounding("llm_int8", rounding, percdamp)
         self.act_order = bool(act_order)
         self.act_calib = check_act_calib("llm_int8", act_calib, rounding)
+        self.calib_forward = check_calib_forward("llm_int8", calib_forward, self.act_calib)
+        self.needs_float_outputs = self.calib_forward == "quantized"  # see w8a8
         self.requires_calibration = rounding == "gptq"
 
     def prepare(self, model, adapter) -> None:
@@ -52,7 +56,7 @@ class LLMInt8(Algorithm):
         if self.rounding == "gptq":
             codes = gptq_int8_codes(ctx, linears, "channel", percdamp=self.percdamp, act_order=self.act_order,
                                     input_quant=lambda n, x: mixed_int8_input(x, self.threshold),
-                                    act_calib=self.act_calib)
+                                    act_calib=self.act_calib, calib_forward=self.calib_forward)
         for n, m in linears.items():
             kw = dict(threshold=self.threshold, name=f"{ctx.name}.{n}")
             if n in codes:
@@ -64,5 +68,6 @@ class LLMInt8(Algorithm):
     def config(self) -> dict:
         d = {"method": self.name, "threshold": self.threshold, "rounding": self.rounding}
         if self.rounding == "gptq":
-            d.update(percdamp=self.percdamp, act_order=self.act_order, act_calib=self.act_calib)
+            d.update(percdamp=self.percdamp, act_order=self.act_order, act_calib=self.act_calib,
+                     calib_forward=self.calib_forward)
         return d
