@@ -38,6 +38,7 @@ import lowbit.algorithms.awq as awq_mod
 from lowbit import zoo
 from lowbit.models import expects_bos
 from lowbit.eval import evaluate, load_windows
+from lowbit.eval.size import bits_per_weight
 from lowbit.recipes import load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -127,6 +128,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     awq_mod.AWQ.__init__ = real_init
     row = {"model": args.model, "name": name, "quant_s": round(seconds, 1), "threads": torch.get_num_threads()}
+    if not args.float:
+        row["bits_per_weight"] = round(bits_per_weight(model)["bits_per_weight"], 3)
     if made:
         row["timings"] = {k: round(v, 1) for k, v in made[0].last_timings.items()}
     print(f"quantized in {seconds:.1f} s", flush=True)
