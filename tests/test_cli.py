@@ -182,3 +182,29 @@ def test_float_dtype_option(tmp_path, tiny_dir, capsys):
     assert code == 0, err
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["float_dtype"] == "bfloat16"
+
+
+def test_set_overrides_one_step_option(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", tiny_dir, "--recipe", "w8a8-llm-int8", "--set", "llm_int8.threshold=3.5",
+                            "--out", out)
+    assert code == 0, err
+    assert "llm_int8.threshold=3.5" in stdout
+    import lowbit
+    from lowbit.nn import MixedInt8Linear
+    mods = [m for m in lowbit.load(out).modules() if isinstance(m, MixedInt8Linear)]
+    assert mods and all(m.threshold == 3.5 for m in mods)
+
+
+@pytest.mark.parametrize("setting,pattern", [
+    ("awq.clip_mode=asym", r"w8a8-llm-int8 has no 'awq' step \(its steps: llm_int8\)"),
+    ("llm_int8.thresold=3", r"method llm_int8 has no option 'thresold' \(its options: threshold, "),
+    ("llm_int8.threshold", r"--set takes METHOD.KEY=VALUE"),
+    ("threshold=3", r"--set takes METHOD.KEY=VALUE"),
+    ("llm_int8.threshold=[1", r"not valid YAML"),
+])
+def test_bad_set_fails_before_any_work(tmp_path, tiny_dir, capsys, setting, pattern):
+    code, _, err = run(capsys, "quantize", tiny_dir, "--recipe", "w8a8-llm-int8", "--set", setting,
+                       "--out", tmp_path / "q")
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "q").exists()

@@ -25,6 +25,9 @@ def _recipe_args(p: argparse.ArgumentParser, default: str, help: str) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_true", default=None)
     sym.add_argument("--asym", dest="symmetric", action="store_false")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="set one option of the recipe's METHOD step (repeatable; VALUE read as YAML), "
+                        "e.g. --set awq.clip_mode=asym --set gptq.act_order=false")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,12 +144,14 @@ def check_recipe_fits_format(recipe, fmt: str) -> None:
 
 def cmd_quantize(a) -> None:
     from . import api, calib
-    from .recipes import load_recipe
+    from .recipes import apply_overrides, load_recipe
 
     from .formats.atomic import check_output_dir
 
     out = check_output_dir(a.out, a.overwrite)  # before minutes of work, not after
-    recipe = load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric)
+    recipe = apply_overrides(load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric),
+                             a.overrides)
+    recipe.build()  # a bad option fails here, before the model loads
     if a.calib is not None and not Path(a.calib).is_file():
         raise LowbitError(f"calibration file {a.calib} does not exist")
     check_recipe_fits_format(recipe, a.format)  # before minutes of work, not after
@@ -168,11 +173,13 @@ def cmd_train_qat(a) -> None:
     from . import api, calib
     from .algorithms import qat
     from .formats.atomic import check_output_dir
-    from .recipes import load_recipe
+    from .recipes import apply_overrides, load_recipe
 
     out = check_output_dir(a.out, a.overwrite)
-    recipe = load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric)
+    recipe = apply_overrides(load_recipe(a.recipe, bits=a.bits, group_size=a.group_size, symmetric=a.symmetric),
+                             a.overrides)
     start, cfg = qat.split_recipe(recipe)
+    start.build()  # a bad option fails here, before the model loads
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", a.steps), ("checkpoint_every", a.checkpoint_every))
                                       if v is not None})
     check_recipe_fits_format(start, a.format)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,6 +37,7 @@ class Recipe:
             if method not in ALGORITHMS:
                 raise RecipeError(f"recipe {self.name}: unknown method {method!r} (known: {', '.join(sorted(ALGORITHMS))})")
             cls = ALGORITHMS[method]
+            check_step_options(self.name, method, cls, step)
             if getattr(cls, "takes_activations", False):
                 step.setdefault("activations", self.activations)
             algs.append(cls(self.weights, **step))
@@ -46,6 +48,49 @@ class Recipe:
         if self.activations is not None:
             d["activations"] = self.activations.to_dict()
         return d
+
+
+def check_step_options(recipe: str, method: str, cls, step: dict) -> None:
+    """Refuses an option the method does not take, naming it and the ones it does (a misspelt key in
+    a YAML file or a --set would otherwise end in a bare TypeError from the constructor)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n in params if n not in ("self", "spec")]
+    unknown = sorted(set(step) - set(known))
+    if unknown:
+        raise RecipeError(f"recipe {recipe}: method {method} has no option {', '.join(map(repr, unknown))} "
+                          f"(its options: {', '.join(known)})")
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`METHOD.KEY=VALUE` (the CLI's --set) -> (method, key, value), VALUE read as YAML: 0.5, true,
+    asym, [q_proj, k_proj]."""
+    head, sep, value = str(text).partition("=")
+    method, dot, key = head.strip().partition(".")
+    if not sep or not dot or not method or not key:
+        raise RecipeError(f"--set takes METHOD.KEY=VALUE (e.g. awq.clip_mode=asym), got {text!r}")
+    try:
+        return method, key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text!r}: the value is not valid YAML ({e})") from e
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """The recipe with each `METHOD.KEY=VALUE` set in every step of that method (checked when the
+    recipe is built); the recipe's name records them."""
+    if not overrides:
+        return recipe
+    steps = [dict(st) for st in recipe.steps]
+    for text in overrides:
+        method, key, value = parse_override(text)
+        hit = [st for st in steps if st.get("method") == method]
+        if not hit:
+            raise RecipeError(f"--set {text!r}: recipe {recipe.name} has no {method!r} step "
+                              f"(its steps: {', '.join(str(st.get('method')) for st in steps)})")
+        for st in hit:
+            st[key] = value
+    return dataclasses.replace(recipe, steps=steps, name=f"{recipe.name} [{', '.join(overrides)}]")
 
 
 def available() -> list[str]:
