@@ -183,31 +183,6 @@ def test_act_calib_fits_the_int8_activations_on_the_same_grid():
             rec.build()
 
 
-def test_quantized_calib_forward_targets_the_float_inputs():
-    """collect_hessians with both the float model's inputs and input_quant (calib_forward: quantized):
-    H of the stream's inputs as the module rounds them, the cross term against the float model's."""
-    from lowbit.algorithms.gptq import collect_hessians
-    from lowbit.kernels.int8_gemm import quantize_per_token
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(600, 24, generator=g)
-    x_fp = x + 0.05 * torch.randn(600, 24, generator=g)  # the float model's input of the same layer
-
-    def rounded(_name, t):
-        q, s = quantize_per_token(t.reshape(-1, t.shape[-1]).contiguous())
-        return (q.float() * s).reshape(t.shape)
-
-    class Ctx:
-        def run_inputs(self, names, record):
-            for part in x.split(200):
-                record(names[0], part)
-
-    hs = collect_hessians(Ctx(), ["lin"], {"lin": list(x_fp.split(200))}, input_quant=rounded)["lin"]
-    xq = rounded("lin", x)
-    torch.testing.assert_close(hs.H, 2 * xq.t() @ xq / 600, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(hs.C, 2 * (x_fp - xq).t() @ xq / 600, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("preset,step", [("w8a8-sq-o1", "w8a8"), ("w8a8-llm-int8-gptq", "llm_int8")])
 def test_quantized_calib_forward(preset, step):
     """calib_forward: quantized keeps the grid and the modules, leaves no hook behind, and changes the

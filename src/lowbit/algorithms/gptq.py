@@ -305,18 +305,17 @@ def collect_hessians(ctx, names: list[str], targets: dict[str, list[torch.Tensor
     as the last of them has its input); with `targets` ({name: the float model's inputs, one per
     calibration batch}), the cross term of asymmetric calibration too. With `input_quant(name, x)`
     instead, H of the inputs as it rounds them and the cross term against the inputs themselves
-    (GPTQ's `input_quant`); with both, H of the rounded inputs and the cross term against the float
-    model's (GPTQ's `calib_forward: quantized`). `dtype`: see Hessian."""
+    (GPTQ's `input_quant`). `dtype`: see Hessian."""
+    if input_quant is not None and targets is not None:
+        raise ValueError("collect_hessians: targets and input_quant both set the cross term; use one")
     hs: dict[str, Hessian] = {}
-    own_target = input_quant is not None and targets is None
 
     def record(name, x):
         if name not in hs:
-            t = [] if own_target else None if targets is None else targets[name]
+            t = [] if input_quant is not None else None if targets is None else targets[name]
             hs[name] = Hessian(x.shape[-1], x.device, t, dtype, cross_dtype)
         if input_quant is not None:
-            if own_target:
-                hs[name].targets.append(x)
+            hs[name].targets.append(x)
             x = input_quant(name, x)
         hs[name].add(x)
 
@@ -400,10 +399,10 @@ def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp:
     `input_calib` > 0: fit the outputs on the inputs as the packed module will round them (see GPTQ).
 
     `calib_forward` "quantized" calibrates on the quantized forward instead: each rounded linear then
-    rounds its inputs too, so the later steps' Hessians and the next block's inputs carry the error of
-    every activation rounding before them, and the target is the float model's product W X_fp (X_fp
-    recorded here from the runner's float stream: the algorithm sets `needs_float_outputs`), so GPTQ
-    can undo part of the error the earlier layers made, not only the layer's own.
+    rounds its inputs too, so the later steps' Hessians and the next block's inputs are those the
+    packed model will see, every activation rounding before them included (as GPTQ passes quantized
+    weights on). Each linear's target stays its own product on that stream, W X: fitting the float
+    model's W X_fp instead (GPTAQ's target) was tried and lost badly on Gemma-3 (bench/RESULTS.md).
     Returns {name: integer-valued float codes `[out, in]` in model order}."""
     if not ctx.has_data:
         raise CalibrationError("GPTQ rounding needs calibration data (the Hessians of the linears' inputs)")
@@ -422,15 +421,9 @@ def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp:
     gptq = GPTQ(spec, percdamp=percdamp, act_order=act_order, weight_qparams=qparams,
                 input_quant=input_quant if input_calib else None, input_calib=input_calib,
                 calib_forward=calib_forward)
-    targets = None
-    if quantized:
-        # the float model's inputs of each step's first linear, in the block's current basis (after any
-        # smoothing an earlier step folded in): the float stream through the block as it stands now
-        firsts = [o[0] for owners in sequential_owners(ctx.adapter, linears, True) for o in owners]
-        _, targets = ctx.forward_recording(firsts, float_inputs=True)
     try:
         with ctx.reuse_outputs():
-            results = gptq._quantize_steps(ctx, linears, targets)
+            results = gptq._quantize_steps(ctx, linears)
             if ctx.wants_outputs:
                 ctx.outputs = ctx.forward()  # only down_proj runs again (reuse_outputs)
     finally:
@@ -510,8 +503,7 @@ class GPTQ(Algorithm):
         self.input_quant, self.input_calib = input_quant, float(input_calib)
         # "quantized": once a step is rounded its linears round their inputs as input_quant says (forward
         # pre-hooks, until remove_input_hooks), so the later steps' Hessians and the block's outputs are
-        # those of the quantized forward; the target is then the float model's product (`targets` of
-        # _quantize_steps) instead of the same stream's
+        # those of the quantized forward
         if calib_forward not in CALIB_FORWARDS:
             raise ValueError(f"calib_forward must be one of {CALIB_FORWARDS}, got {calib_forward!r}")
         if calib_forward == "quantized" and input_quant is None:
@@ -549,18 +541,16 @@ class GPTQ(Algorithm):
                                       name=f"{ctx.name}.{n}")
             set_module(ctx.block, n, mod.to(linear_weight(m).device))
 
-    def _quantize_steps(self, ctx, linears: dict | None = None, targets: dict | None = None) -> dict:
+    def _quantize_steps(self, ctx, linears: dict | None = None) -> dict:
         """Rounds the block's float linears (or those given) in sequential order; returns, per linear,
-        (codes, scales, zeros, perm), with each float linear now holding its rounded weight. `targets`:
-        {first linear of each shared input: the float model's inputs, one per chunk} (with input_quant)."""
+        (codes, scales, zeros, perm), with each float linear now holding its rounded weight."""
         if linears is None:
             linears = {n: m for n, m in ctx.linears.items() if not isinstance(m, WQLinear)}
         results = {}
         order = sequential_owners(ctx.adapter, linears, self.true_sequential)
+        targets = None
         if self.asym_calib:
-            targets = ctx.float_inputs_of
-        if targets is not None:
-            targets = {n: list(xs) for n, xs in targets.items()}
+            targets = {n: list(xs) for n, xs in ctx.float_inputs_of.items()}
         for owners in order:
             hs = self.collect_hessians(ctx, [o[0] for o in owners], targets)
             for names in owners:
