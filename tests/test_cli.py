@@ -202,6 +202,7 @@ def test_set_overrides_one_step_option(tmp_path, tiny_dir, capsys):
     ("llm_int8.threshold", r"--set takes METHOD.KEY=VALUE"),
     ("threshold=3", r"--set takes METHOD.KEY=VALUE"),
     ("llm_int8.threshold=[1", r"not valid YAML"),
+    ("llm_int8.threshold=high", r"step llm_int8: could not convert string to float"),
 ])
 def test_bad_set_fails_before_any_work(tmp_path, tiny_dir, capsys, setting, pattern):
     code, _, err = run(capsys, "quantize", tiny_dir, "--recipe", "w8a8-llm-int8", "--set", setting,

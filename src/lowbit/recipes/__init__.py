@@ -15,7 +15,7 @@ from ..errors import LowbitError
 from ..quant import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 
-class RecipeError(LowbitError):
+class RecipeError(LowbitError, ValueError):
     """A recipe name that does not exist, or a YAML file that does not describe a recipe."""
 
 
@@ -40,7 +40,12 @@ class Recipe:
             check_step_options(self.name, method, cls, step)
             if getattr(cls, "takes_activations", False):
                 step.setdefault("activations", self.activations)
-            algs.append(cls(self.weights, **step))
+            try:
+                algs.append(cls(self.weights, **step))
+            except LowbitError:
+                raise
+            except (ValueError, TypeError) as e:  # a bad option value: one clear line, not a traceback
+                raise RecipeError(f"recipe {self.name}: step {method}: {e}") from e
         return algs
 
     def to_dict(self) -> dict:
