@@ -415,9 +415,6 @@ def round_on_fixed_grids(ctx, linears: dict, spec: QuantSpec, grid, *, percdamp:
             start += rows[n]
         return torch.cat(parts), None
 
-    quantized = calib_forward == "quantized"
-    if quantized and not (input_quant is not None and input_calib):
-        raise ValueError("calib_forward 'quantized' needs input_quant and input_calib > 0")
     gptq = GPTQ(spec, percdamp=percdamp, act_order=act_order, weight_qparams=qparams,
                 input_quant=input_quant if input_calib else None, input_calib=input_calib,
                 calib_forward=calib_forward)
