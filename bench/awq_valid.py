@@ -39,7 +39,7 @@ from lowbit import zoo
 from lowbit.models import expects_bos
 from lowbit.eval import evaluate, load_windows
 from lowbit.eval.size import bits_per_weight
-from lowbit.recipes import load_recipe
+from lowbit.recipes import RecipeError, load_recipe, with_step_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import WIKI_TEST, WIKI_VALID  # noqa: E402
@@ -108,11 +108,11 @@ def main() -> None:
         name = "float"
     elif args.recipe:
         rec = load_recipe(args.recipe)
-        hit = [i for i, st in enumerate(rec.steps) if st.get("method") == args.step]
-        if kw and not hit:
-            raise SystemExit(f"recipe {args.recipe} has no {args.step!r} step for the overrides")
-        for i in hit:
-            rec.steps[i] = dict(rec.steps[i], **kw)
+        if kw:
+            try:
+                rec = with_step_options(rec, args.step, kw)
+            except RecipeError as e:
+                raise SystemExit(f"{e}: nowhere to put the overrides") from None
         calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen)
         lowbit.quantize(model, rec, calib=calib, progress=False)
         name = f"{rec.name} {args.n_samples}x{args.seqlen} {rec.steps}"
@@ -121,7 +121,7 @@ def main() -> None:
         name = f"rtn w{args.bits} g{args.group_size}"
     else:
         rec = load_recipe("w4a16-awq", bits=args.bits, group_size=args.group_size)
-        rec.steps = [dict(rec.steps[0], **kw)]
+        rec = with_step_options(rec, "awq", kw)
         calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen)
         lowbit.quantize(model, rec, calib=calib, progress=False)
         name = f"awq w{args.bits} g{args.group_size} {args.n_samples}x{args.seqlen} {rec.steps[0]}"

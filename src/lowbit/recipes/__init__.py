@@ -81,21 +81,27 @@ def parse_override(text: str) -> tuple[str, str, object]:
         raise RecipeError(f"--set {text!r}: the value is not valid YAML ({e})") from e
 
 
+def with_step_options(recipe: Recipe, method: str, options: dict) -> Recipe:
+    """The recipe with `options` set in every step of `method` (checked when the recipe is built)."""
+    if not any(st.get("method") == method for st in recipe.steps):
+        raise RecipeError(f"recipe {recipe.name} has no {method!r} step "
+                          f"(its steps: {', '.join(str(st.get('method')) for st in recipe.steps)})")
+    steps = [dict(st, **options) if st.get("method") == method else st for st in recipe.steps]
+    return dataclasses.replace(recipe, steps=steps)
+
+
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """The recipe with each `METHOD.KEY=VALUE` set in every step of that method (checked when the
     recipe is built); the recipe's name records them."""
     if not overrides:
         return recipe
-    steps = [dict(st) for st in recipe.steps]
     for text in overrides:
         method, key, value = parse_override(text)
-        hit = [st for st in steps if st.get("method") == method]
-        if not hit:
-            raise RecipeError(f"--set {text!r}: recipe {recipe.name} has no {method!r} step "
-                              f"(its steps: {', '.join(str(st.get('method')) for st in steps)})")
-        for st in hit:
-            st[key] = value
-    return dataclasses.replace(recipe, steps=steps, name=f"{recipe.name} [{', '.join(overrides)}]")
+        try:
+            recipe = with_step_options(recipe, method, {key: value})
+        except RecipeError as e:
+            raise RecipeError(f"--set {text!r}: {e}") from None
+    return dataclasses.replace(recipe, name=f"{recipe.name} [{', '.join(overrides)}]")
 
 
 def available() -> list[str]:
