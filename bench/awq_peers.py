@@ -52,9 +52,8 @@ def main() -> None:
             bench.lowbit_row(
                 f"lowbit {lowbit.__version__} w4a16-awq" if args.bits == 4 else f"lowbit {lowbit.__version__} AWQ W{args.bits}",
                 f"quantize w4a16-awq W{args.bits} g{args.group_size}",
-                lambda model: lowbit.quantize(model, "w4a16-awq", calib=lowbit.calib.text_file(
-                    args.calib, n_samples=args.n_samples, seqlen=args.seqlen),
-                    group_size=args.group_size, bits=args.bits),
+                lambda model: lowbit.quantize(model, "w4a16-awq", calib=bench.calib,
+                                              group_size=args.group_size, bits=args.bits),
                 notes=[f"quantize time includes tokenizing the calibration text (~{bench.tokenize_s:.1f} s)"])
         elif method == "autoawq":
             peer = PEERS[method]

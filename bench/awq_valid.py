@@ -13,6 +13,12 @@ quantize call and prints the AWQ phase times (`AWQ.last_timings`), then the perp
 
 (lowbit.calib.text_file's seed-0 draws of 64 samples are the first 64 of the 128: held out from too.)
 
+`--seeds 0,1,2,3` quantizes once per calibration seed, from a fresh load, and prints each seed's
+perplexities and their mean: two settings whose single-seed figures differ by less than the spread
+over calibration draws are not told apart by one run. The validation windows then also avoid every
+listed seed's calibration windows (with seed 0 alone they are the windows above), so compare only
+figures taken with the same --seeds and --n-samples.
+
     python bench/awq_valid.py --bits 4 --eval valid [--n-samples 8] [--rtn] [--json-lines FILE] \\
         output_tokens=1024 clip_mode='"asym"'
 
@@ -44,16 +50,19 @@ from lowbit.recipes import RecipeError, load_recipe, with_step_options
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import WIKI_TEST, WIKI_VALID  # noqa: E402
 
-CALIB_SIZES = (8, 128)  # calibration sample counts whose windows the validation windows avoid
+# (samples, seed) of the calibration draws the validation windows always avoid
+CALIB_DRAWS = ((8, 0), (128, 0))
 
 
-def valid_windows(tok, n_windows: int = 40, seqlen: int = 512, bos: bool = False) -> torch.Tensor:
-    """Evenly spaced seqlen-token windows of wiki.valid.tokens clear of every calibration window; with
-    `bos` (Gemma) each is BOS and the slot's first seqlen - 1 tokens."""
+def valid_windows(tok, n_windows: int = 40, seqlen: int = 512, bos: bool = False,
+                  avoid: tuple = ()) -> torch.Tensor:
+    """Evenly spaced seqlen-token windows of wiki.valid.tokens clear of every calibration window of
+    CALIB_DRAWS and `avoid` ((samples, seed) pairs); with `bos` (Gemma) each is BOS and the slot's
+    first seqlen - 1 tokens."""
     ids = torch.as_tensor(tok(Path(WIKI_VALID).read_text(), add_special_tokens=False)["input_ids"])
     taken = set()
-    for n in CALIB_SIZES:  # the starts lowbit.calib.text_file draws (seed 0)
-        starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=torch.Generator().manual_seed(0))
+    for n, seed in (*CALIB_DRAWS, *avoid):  # the starts lowbit.calib.text_file draws
+        starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=torch.Generator().manual_seed(seed))
         for s in starts.tolist():
             taken.update(range(s // seqlen, (s + seqlen - 1) // seqlen + 1))
     free = [i for i in range(ids.numel() // seqlen) if i not in taken]
@@ -89,9 +98,25 @@ def main() -> None:
     ap.add_argument("--step", default="awq", help="with --recipe: the method whose step takes the overrides")
     ap.add_argument("--json-lines", type=Path, help="append the result row here")
     ap.add_argument("overrides", nargs="*", help="AWQ step options, KEY=JSON_VALUE")
+    ap.add_argument("--seeds", default="0", help="comma-separated calibration seeds: one quantization each")
     args = ap.parse_args()
     kw = parse_overrides(args.overrides)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    avoid = tuple((args.n_samples, s) for s in seeds)
+    rows = []
+    for seed in seeds[:1] if args.float else seeds:  # the float model does not depend on the seed
+        rows.append(run(args, kw, seed, avoid))
+        if args.json_lines:
+            with args.json_lines.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+    if len(rows) > 1:
+        mean = {w: round(sum(r[w] for r in rows) / len(rows), 3) for w in args.eval.split(",")}
+        print(json.dumps({"name": rows[0]["name"], "seeds": seeds, "mean": mean,
+                          **{w: [r[w] for r in rows] for w in mean}}))
 
+
+def run(args, kw: dict, seed: int, avoid: tuple) -> dict:
+    """Load the model, quantize it as the arguments say with calibration seed `seed`, score it."""
     model = lowbit.load(zoo.pull(args.model))
     tok = model.lowbit_tokenizer
     bos = expects_bos(model)
@@ -103,46 +128,45 @@ def main() -> None:
         made.append(self)
 
     awq_mod.AWQ.__init__ = spy
+    calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen, seed=seed)
     t0 = time.perf_counter()
-    if args.float:
-        name = "float"
-    elif args.recipe:
-        rec = load_recipe(args.recipe)
-        if kw:
-            try:
-                rec = with_step_options(rec, args.step, kw)
-            except RecipeError as e:
-                raise SystemExit(f"{e}: nowhere to put the overrides") from None
-        calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen)
-        lowbit.quantize(model, rec, calib=calib, progress=False)
-        name = f"{rec.name} {args.n_samples}x{args.seqlen} {rec.steps}"
-    elif args.rtn:
-        lowbit.quantize(model, load_recipe(f"w{args.bits}a16-rtn", group_size=args.group_size), progress=False)
-        name = f"rtn w{args.bits} g{args.group_size}"
-    else:
-        rec = load_recipe("w4a16-awq", bits=args.bits, group_size=args.group_size)
-        rec = with_step_options(rec, "awq", kw)
-        calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen)
-        lowbit.quantize(model, rec, calib=calib, progress=False)
-        name = f"awq w{args.bits} g{args.group_size} {args.n_samples}x{args.seqlen} {rec.steps[0]}"
+    try:
+        if args.float:
+            name = "float"
+        elif args.recipe:
+            rec = load_recipe(args.recipe)
+            if kw:
+                try:
+                    rec = with_step_options(rec, args.step, kw)
+                except RecipeError as e:
+                    raise SystemExit(f"{e}: nowhere to put the overrides") from None
+            lowbit.quantize(model, rec, calib=calib, progress=False)
+            name = f"{rec.name} {args.n_samples}x{args.seqlen} {rec.steps}"
+        elif args.rtn:
+            lowbit.quantize(model, load_recipe(f"w{args.bits}a16-rtn", group_size=args.group_size), progress=False)
+            name = f"rtn w{args.bits} g{args.group_size}"
+        else:
+            rec = load_recipe("w4a16-awq", bits=args.bits, group_size=args.group_size)
+            rec = with_step_options(rec, "awq", kw)
+            lowbit.quantize(model, rec, calib=calib, progress=False)
+            name = f"awq w{args.bits} g{args.group_size} {args.n_samples}x{args.seqlen} {rec.steps[0]}"
+    finally:
+        awq_mod.AWQ.__init__ = real_init
     seconds = time.perf_counter() - t0
-    awq_mod.AWQ.__init__ = real_init
-    row = {"model": args.model, "name": name, "quant_s": round(seconds, 1), "threads": torch.get_num_threads()}
+    row = {"model": args.model, "name": name, "seed": seed, "quant_s": round(seconds, 1),
+           "threads": torch.get_num_threads()}
     if not args.float:
         row["bits_per_weight"] = round(bits_per_weight(model)["bits_per_weight"], 3)
     if made:
         row["timings"] = {k: round(v, 1) for k, v in made[0].last_timings.items()}
-    print(f"quantized in {seconds:.1f} s", flush=True)
+    print(f"seed {seed}: quantized in {seconds:.1f} s", flush=True)
     for which in args.eval.split(","):
-        w = (valid_windows(tok, bos=bos) if which == "valid"
+        w = (valid_windows(tok, bos=bos, avoid=avoid) if which == "valid"
              else load_windows(tok, WIKI_TEST, seqlen=512, windows=40, bos=bos))
         row[which] = round(evaluate(model, w, progress=False)["ppl"], 3)
         print(which, row[which], flush=True)
     print(json.dumps(row))
-    if args.json_lines:
-        with args.json_lines.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
+    return row
 
 if __name__ == "__main__":
     main()

@@ -215,6 +215,8 @@ def add_common_args(ap: argparse.ArgumentParser, methods: tuple[str, ...]) -> No
     ap.add_argument("--n-samples", type=int, default=8, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     ap.add_argument("--calib", default=str(WIKI_VALID), help="calibration text file")
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="seed of the calibration windows' offsets (every method gets the same windows)")
     ap.add_argument("--text", default=str(WIKI_TEST), help="evaluation text")
     ap.add_argument("--windows", type=int, default=40, help="evaluation windows")
     ap.add_argument("--eval-seqlen", type=int, default=512)
@@ -269,7 +271,8 @@ class PeerBench:
         # The calibration windows, cut once by lowbit and handed to the peers as token ids.
         from safetensors.torch import save_file
 
-        self.calib = lowbit.calib.text_file(args.calib, n_samples=args.n_samples, seqlen=args.seqlen)
+        self.calib = lowbit.calib.text_file(args.calib, n_samples=args.n_samples, seqlen=args.seqlen,
+                                            seed=args.calib_seed)
         t0 = time.perf_counter()
         self.samples = self.calib.samples(tok)
         self.tokenize_s = time.perf_counter() - t0
