@@ -6,7 +6,7 @@ import torch
 import lowbit
 from lowbit.algorithms import ALGORITHMS, AWQ
 from lowbit.algorithms.awq import (InputStats, apply_clip, group_output_error, output_error, pseudo_quantize_tensor,
-                                  search_best_clip, search_best_scale)
+                                  refit_scales, search_best_clip, search_best_scale)
 from lowbit.models import block_linears, get_adapter, get_blocks
 from lowbit.nn import WQLinear
 from lowbit.quant import PerChannel, PerGroup, QuantSpec
@@ -520,3 +520,51 @@ def test_nf4_presets_pack_nf4_and_awq_beats_nearest_rounding(tmp_path):
         lowbit.save(model, tmp_path / recipe)
         torch.testing.assert_close(logits(lowbit.load(tmp_path / recipe), ids), out, rtol=0, atol=0)
     assert errs["w4a16-nf4-awq"] < errs["w4a16-nf4"], errs
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_refit_scales_never_loses_to_the_clipped_grid_and_stays_on_a_packable_grid(symmetric):
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity=PerGroup(32))
+    w = torch.randn(24, 128)
+    x = torch.randn(512, 128) * torch.linspace(0.2, 3.0, 128)  # channels of unequal weight in the error
+    stats = InputStats.of(x, group_size=32)
+    ratios = search_best_clip(w, stats, spec, mode="asym" if not symmetric else "abs")
+    lin = torch.nn.Linear(128, 24, bias=False)
+    lin.weight.data.copy_(w)
+    apply_clip(lin, ratios, "asym" if not symmetric else "abs")
+    w_clip = lin.weight.detach().clone()
+    blocks = stats.group_blocks(32)
+
+    plain = WQLinear.from_weight(w_clip, None, spec)
+    codes0, s0, z0 = refit_scales(w, w_clip, blocks, spec, passes=0)
+    # no passes: exactly what from_weight stores
+    assert torch.equal(WQLinear.from_codes(codes0, s0, z0, spec).dequantize_weight(), plain.dequantize_weight())
+
+    codes, scales, zeros = refit_scales(w, w_clip, blocks, spec, passes=3)
+    refit = WQLinear.from_codes(codes, scales, zeros, spec)
+    # scales stored exactly (fp16), codes in range, zero points untouched
+    assert torch.equal(refit.scales.float(), scales.reshape(24, -1))
+    if zeros is not None:
+        assert torch.equal(zeros, z0)
+    e_plain = group_output_error(w, plain.dequantize_weight(), x, 32)
+    e_refit = group_output_error(w, refit.dequantize_weight(), x, 32)
+    # per group never worse (up to float rounding of the two error forms), and better overall
+    assert bool((e_refit <= e_plain * (1 + 1e-4) + 1e-9).all())
+    assert float(e_refit.sum()) < 0.995 * float(e_plain.sum())
+
+
+def test_awq_refit_option_packs_every_linear_and_is_recorded():
+    ids = calib_ids()
+    model = tiny_model("llama")
+    ref = logits(model, ids)
+    rec = awq_recipe(refit=2)
+    lowbit.quantize(model, rec, ids, progress=False)
+    adapter = get_adapter(model)
+    for block in get_blocks(model, adapter):
+        assert all(isinstance(m, WQLinear) for m in block_linears(block, adapter).values())
+    out = logits(model, ids)
+    assert float((out - ref).norm() / ref.norm()) < 0.5
+    assert model.lowbit_recipe["algorithms"][0]["refit"] == 2
+    with pytest.raises(ValueError, match="refit"):
+        awq_recipe(refit=-1).build()

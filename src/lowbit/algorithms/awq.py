@@ -50,6 +50,14 @@ Where this departs from AutoAWQ, and why:
 - Pseudo-quantization is the one WQLinear stores (the range holds 0, scales rounded up to fp16), so
   the search scores exactly the weights that get packed.
 
+- `refit`: after the clip search, that many rounds of refitting each group's scale by least squares
+  to its partial output error (the clip search's objective, d G_g d^T), with the codes re-rounded on
+  the new scale and kept only where the error drops (`refit_scales`). The clip search picks the
+  range from a grid of ratios and the scale follows from it; the refit moves the scale off that
+  grid. SmolLM2 W4 g64 8 x 512, four calibration draws: validation 27.20 -> 27.01, better on every
+  draw, at no measurable cost in time. Zero points stay as the clipped range gives them (trying
+  z +- 1 gained nothing on synthetic groups).
+
 - `tie_gqa`: under grouped-query attention AutoAWQ and llm-compressor drop v -> o (a per-column
   scale on o_proj has no inverse on the narrower v_proj), which leaves o_proj with no scale at all.
   A scale shared by the o_proj columns of the n_rep query heads that read one value channel does
@@ -84,7 +92,8 @@ from ..kernels.fake_quant import fake_quant_clamped, fake_quant_scaled, round_gr
 from ..models import (expand_tied, fold_scales, fold_tied_scales, gqa_value_pairs, linear_weight,
                       resolve_scaling_pairs, set_linear_weight, set_module, tie_scales)
 from ..nn import WQLinear
-from ..quant import PerGroup, QuantSpec, quantize_dequantize
+from ..quant import PerGroup, QuantSpec, check_group_size, choose_qparams, quantize, quantize_dequantize
+from ..quant.primitives import fp16_scale
 from .base import Algorithm
 from .rtn import check_weights
 
@@ -573,6 +582,56 @@ def apply_clip(module: nn.Module, ratios: torch.Tensor, mode: str = "abs") -> No
     set_linear_weight(module, clamped.reshape(out_f, in_f).to(w.dtype))
 
 
+@torch.no_grad()
+def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec,
+                 passes: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes, scales `[out, n_group]` and zero points of w `[out, in]` on its groups' grids: the
+    min-max grid of the clipped w_clip (what WQLinear.from_weight would store), then `passes` rounds
+    of: each group's scale refitted by least squares to the group's partial output, d G_g d^T with
+    G_g its block of X^T X (`blocks` [n_group, G, G], as search_best_clip scores), keeping the codes
+    and zero point; the codes rounded again on the new scale. A group takes a round's result only
+    where its error went down, so no group ends worse than the clip search left it.
+    """
+    gspec = _group_spec(spec, w.shape[1])
+    qp = choose_qparams(w_clip, gspec)
+    qp.scale = fp16_scale(qp.scale)
+    q = quantize(w_clip, qp, gspec)
+    if spec.is_codebook or passes < 1:
+        return q, qp.scale, qp.zero_point
+    out_f, in_f = w.shape
+    ng = qp.scale.reshape(out_f, -1).shape[1]
+    gs = in_f // ng
+    blocks = blocks.to(w.device, torch.float32)
+
+    def grouped(t):  # [out, in] -> [ng, out, G]
+        return t.float().reshape(out_f, ng, gs).transpose(0, 1)
+
+    wg, qg = grouped(w), grouped(q)
+    s = qp.scale.reshape(out_f, ng).t().unsqueeze(-1)  # [ng, out, 1]
+    z = torch.zeros_like(s) if qp.zero_point is None else qp.zero_point.reshape(out_f, ng).t().unsqueeze(-1)
+
+    def error(scale, codes):
+        d = wg - scale * (codes - z)
+        return torch.bmm(d, blocks).mul_(d).sum(-1)  # [ng, out]
+
+    best = error(s, qg)
+    for _ in range(passes):
+        u = qg - z
+        hu = torch.bmm(u, blocks)
+        num, den = (hu * wg).sum(-1, keepdim=True), (hu * u).sum(-1, keepdim=True)
+        ok = (num > 0) & (den > 0)
+        s_new = fp16_scale(torch.where(ok, num / torch.where(ok, den, 1.0), s))
+        q_new = torch.clamp(torch.round(wg / s_new) + z, spec.qmin, spec.qmax)
+        e_new = error(s_new, q_new)
+        take = e_new < best
+        s = torch.where(take.unsqueeze(-1), s_new, s)
+        qg = torch.where(take.unsqueeze(-1), q_new, qg)
+        best = torch.where(take, e_new, best)
+    codes = qg.transpose(0, 1).reshape(out_f, in_f).to(q.dtype)
+    zeros = None if qp.zero_point is None else z.squeeze(-1).t().reshape(qp.zero_point.shape)
+    return codes, s.squeeze(-1).t().reshape(qp.scale.shape), zeros
+
+
 def _nonlinear_inspect(pair) -> bool:
     """Whether the pair is scored at a module other than its own linears (attention, MLP)."""
     return not any(pair.inspect is m for m in pair.linears)
@@ -592,8 +651,13 @@ class AWQ(Algorithm):
                  loss_dtype: str = "bfloat16", objective: str = "output", refine_topk: int = 3,
                  output_tokens: int | None = 512, output_dtype: str = "bfloat16", clip_mode: str = "abs",
                  stats_dtype: str = "bfloat16", forward_dtype: str = "float32", grid_stride: int = 1,
-                 propagate: str = "float", tie_gqa: bool = False, attention_tokens: int | None = None):
+                 propagate: str = "float", tie_gqa: bool = False, attention_tokens: int | None = None,
+                 refit: int = 0):
         self.spec = spec
+        # > 0: after the clip search, that many least-squares refits of each group's scale (refit_scales)
+        if int(refit) < 0:
+            raise SpecError(f"refit must be a number of passes >= 0, got {refit!r}")
+        self.refit = int(refit)
         # v -> o under grouped-query attention (which AutoAWQ and llm-compressor skip): one scale per
         # value channel, shared by the o_proj columns of the query heads that read it
         self.tie_gqa = bool(tie_gqa)
@@ -764,6 +828,11 @@ class AWQ(Algorithm):
             self.last_scales[key] = s.cpu()
             self.last_losses[key] = losses
 
+        refit = {}  # linear name -> (its weight before the clip, its G's group blocks)
+        if self.refit and self.quantize and not self.spec.is_codebook:
+            for n, m in linears.items():
+                w = linear_weight(m)
+                refit[n] = (w.detach().float().clone(), feats[n].group_blocks(WQLinear.spec_group_size(self.spec, w.shape[1])))
         if self.clip:
             for n, m in linears.items():
                 if any(n.split(".")[-1] == k for k in self.clip_skip):
@@ -776,7 +845,7 @@ class AWQ(Algorithm):
         self._raw = {}
 
         if self.quantize:
-            self.apply_quant(ctx)
+            self.apply_quant(ctx, refit)
             self._timed("quantize", tick)
 
     def _timed(self, phase: str, since: float) -> float:
@@ -785,12 +854,20 @@ class AWQ(Algorithm):
         self.last_timings[phase] = self.last_timings.get(phase, 0.0) + now - since
         return now
 
-    def apply_quant(self, ctx) -> None:
+    def apply_quant(self, ctx, refit: dict | None = None) -> None:
+        """Packs every float linear of the block; those in `refit` with refit_scales' grids."""
         for n, m in ctx.linears.items():
             if isinstance(m, WQLinear):
                 continue
             w = linear_weight(m)
-            q = WQLinear.from_weight(w, getattr(m, "bias", None), self.spec, name=f"{ctx.name}.{n}")
+            bias, name = getattr(m, "bias", None), f"{ctx.name}.{n}"
+            if refit and n in refit:
+                check_group_size(w.shape[1], WQLinear.spec_group_size(self.spec, w.shape[1]), name)
+                target, blocks = refit[n]
+                codes, scales, zeros = refit_scales(target, w.detach().float(), blocks, self.spec, self.refit)
+                q = WQLinear.from_codes(codes, scales, zeros, self.spec, bias=bias, name=name)
+            else:
+                q = WQLinear.from_weight(w, bias, self.spec, name=name)
             set_module(ctx.block, n, q.to(w.device))
 
     def config(self) -> dict:
@@ -800,4 +877,5 @@ class AWQ(Algorithm):
                 "output_tokens": self.output_tokens, "output_dtype": self.output_dtype, "clip_mode": self.clip_mode,
                 "stats_dtype": self.stats_dtype, "forward_dtype": str(self.forward_dtype).replace("torch.", ""),
                 "grid_stride": self.grid_stride, "propagate": self.propagate, "tie_gqa": self.tie_gqa,
+                "refit": self.refit,
                 "attention_tokens": self.attention_tokens}
