@@ -92,7 +92,7 @@ from ..kernels.fake_quant import fake_quant_clamped, fake_quant_scaled, round_gr
 from ..models import (expand_tied, fold_scales, fold_tied_scales, gqa_value_pairs, linear_weight,
                       resolve_scaling_pairs, set_linear_weight, set_module, tie_scales)
 from ..nn import WQLinear
-from ..quant import PerGroup, QuantSpec, check_group_size, choose_qparams, quantize, quantize_dequantize
+from ..quant import PerGroup, QuantSpec, quantize_dequantize
 from ..quant.primitives import fp16_scale
 from .base import Algorithm
 from .rtn import check_weights
@@ -584,7 +584,7 @@ def apply_clip(module: nn.Module, ratios: torch.Tensor, mode: str = "abs") -> No
 
 @torch.no_grad()
 def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec,
-                 passes: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 passes: int = 2, name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes, scales `[out, n_group]` and zero points of w `[out, in]` on its groups' grids: the
     min-max grid of the clipped w_clip (what WQLinear.from_weight would store), then `passes` rounds
     of: each group's scale refitted by least squares to the group's partial output, d G_g d^T with
@@ -592,10 +592,7 @@ def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, sp
     and zero point; the codes rounded again on the new scale. A group takes a round's result only
     where its error went down, so no group ends worse than the clip search left it.
     """
-    gspec = _group_spec(spec, w.shape[1])
-    qp = choose_qparams(w_clip, gspec)
-    qp.scale = fp16_scale(qp.scale)
-    q = quantize(w_clip, qp, gspec)
+    q, qp = WQLinear.round_weight(w_clip, spec, name=name)
     if spec.is_codebook or passes < 1:
         return q, qp.scale, qp.zero_point
     out_f, in_f = w.shape
@@ -862,9 +859,8 @@ class AWQ(Algorithm):
             w = linear_weight(m)
             bias, name = getattr(m, "bias", None), f"{ctx.name}.{n}"
             if refit and n in refit:
-                check_group_size(w.shape[1], WQLinear.spec_group_size(self.spec, w.shape[1]), name)
                 target, blocks = refit[n]
-                codes, scales, zeros = refit_scales(target, w.detach().float(), blocks, self.spec, self.refit)
+                codes, scales, zeros = refit_scales(target, w, blocks, self.spec, self.refit, name=name)
                 q = WQLinear.from_codes(codes, scales, zeros, self.spec, bias=bias, name=name)
             else:
                 q = WQLinear.from_weight(w, bias, self.spec, name=name)

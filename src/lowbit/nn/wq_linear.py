@@ -27,7 +27,7 @@ from torch import nn
 from .. import kernels
 from ..errors import InvalidWeightsError, SpecError
 from ..quant.primitives import fp16_scale
-from ..quant import (PerChannel, PerGroup, QuantSpec, check_group_size, choose_qparams, pack, quantize,
+from ..quant import (PerChannel, PerGroup, QParams, QuantSpec, check_group_size, choose_qparams, pack, quantize,
                      unpack)
 
 
@@ -84,9 +84,16 @@ class WQLinear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, *,
                     clip_ratio: float | torch.Tensor = 1.0, name: str = "") -> "WQLinear":
         """Round-to-nearest from a float weight `[out, in]` (clip_ratio shrinks each group's range)."""
-        out_f, in_f = weight.shape
-        g = cls.spec_group_size(spec, in_f)
-        check_group_size(in_f, g, name)
+        q, qp = cls.round_weight(weight, spec, clip_ratio=clip_ratio, name=name)
+        return cls.from_codes(q, qp.scale, qp.zero_point, spec, bias=bias, codebook=qp.codebook, name=name)
+
+    @classmethod
+    def round_weight(cls, weight: torch.Tensor, spec: QuantSpec, *, clip_ratio: float | torch.Tensor = 1.0,
+                     name: str = "") -> tuple[torch.Tensor, QParams]:
+        """(codes, qparams) of a float weight `[out, in]` on its min-max grid, scales as stored (fp16):
+        what from_weight packs."""
+        in_f = weight.shape[1]
+        check_group_size(in_f, cls.spec_group_size(spec, in_f), name)
         w = weight.detach().float()
         gspec = spec if isinstance(spec.granularity, PerGroup) else _with_group(spec, in_f)
         try:
@@ -94,8 +101,7 @@ class WQLinear(nn.Module):
         except InvalidWeightsError as e:  # say which layer
             raise InvalidWeightsError(f"layer {name or '?'}: {e}") from None
         qp.scale = fp16_scale(qp.scale)
-        q = quantize(w, qp, gspec)
-        return cls.from_codes(q, qp.scale, qp.zero_point, spec, bias=bias, codebook=qp.codebook, name=name)
+        return quantize(w, qp, gspec), qp
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec, *,
