@@ -554,11 +554,43 @@ def test_refit_scales_never_loses_to_the_clipped_grid_and_stays_on_a_packable_gr
     assert float(e_refit.sum()) < 0.995 * float(e_plain.sum())
 
 
-def test_awq_refit_option_packs_every_linear_and_is_recorded():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_refit_cross_fits_the_whole_output_error_better_than_group_by_group(symmetric):
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity=PerGroup(32))
+    mode = "abs" if symmetric else "asym"
+    w = torch.randn(48, 192)
+    # correlated channels: the cross-group terms of X^T X matter
+    x = (torch.randn(1024, 192) @ (0.3 * torch.randn(192, 192) + torch.eye(192))) * torch.linspace(0.2, 3.0, 192)
+    stats = InputStats.of(x)
+    lin = torch.nn.Linear(192, 48, bias=False)
+    lin.weight.data.copy_(w)
+    apply_clip(lin, search_best_clip(w, stats, spec, mode=mode), mode)
+    w_clip = lin.weight.detach().clone()
+    blocks, gram = stats.group_blocks(32), stats.gram / stats.n
+
+    def row_error(codes, scales, zeros):
+        d = w - WQLinear.from_codes(codes, scales, zeros, spec).dequantize_weight()
+        return ((d @ gram) * d).sum(-1)
+
+    e0 = row_error(*refit_scales(w, w_clip, blocks, spec, passes=0, gram=gram))
+    e_group = row_error(*refit_scales(w, w_clip, blocks, spec, passes=2))
+    codes, scales, zeros = refit_scales(w, w_clip, blocks, spec, passes=2, gram=gram)
+    e_cross = row_error(codes, scales, zeros)
+    # zero points untouched, every row no worse than the clip search left it, and the whole error
+    # lower than the group-by-group refit reaches
+    z0 = refit_scales(w, w_clip, blocks, spec, passes=0)[2]
+    assert (zeros is None and z0 is None) if symmetric else torch.equal(zeros, z0)
+    assert bool((e_cross <= e0 * (1 + 1e-4) + 1e-9).all())
+    assert float(e_cross.sum()) < 0.98 * float(e_group.sum()) < 0.98 * float(e0.sum())
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_awq_refit_option_packs_every_linear_and_is_recorded(cross):
     ids = calib_ids()
     model = tiny_model("llama")
     ref = logits(model, ids)
-    rec = awq_recipe(refit=2)
+    rec = awq_recipe(refit=2, refit_cross=cross)
     lowbit.quantize(model, rec, ids, progress=False)
     adapter = get_adapter(model)
     for block in get_blocks(model, adapter):
@@ -566,5 +598,9 @@ def test_awq_refit_option_packs_every_linear_and_is_recorded():
     out = logits(model, ids)
     assert float((out - ref).norm() / ref.norm()) < 0.5
     assert model.lowbit_recipe["algorithms"][0]["refit"] == 2
+    assert model.lowbit_recipe["algorithms"][0]["refit_cross"] == float(cross)
     with pytest.raises(ValueError, match="refit"):
         awq_recipe(refit=-1).build()
+    for bad in (1.5, "all"):
+        with pytest.raises(ValueError, match="refit_cross"):
+            awq_recipe(refit=2, refit_cross=bad).build()

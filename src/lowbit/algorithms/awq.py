@@ -57,6 +57,13 @@ Where this departs from AutoAWQ, and why:
   grid. SmolLM2 W4 g64 8 x 512, four calibration draws: validation 27.20 -> 27.01, better on every
   draw, at no measurable cost in time. Zero points stay as the clipped range gives them (trying
   z +- 1 gained nothing on synthetic groups).
+- `refit_cross`: the refit on the linear's whole output error d G d^T instead of each group's block
+  of it. The groups of a row share the output, so one group's error can cancel part of another's;
+  the per-group fit cannot see that. Sweeps go over the groups in order (Gauss-Seidel), each
+  group's least-squares scale taking the rest of the row's current error into account, codes still
+  round-to-nearest on the group's grid. It needs the whole X^T X of every linear (in^2 floats, and
+  out * in^2 multiply-adds per sweep). SmolLM2 W4 g64 8 x 512, four draws: validation 27.01 -> 26.50,
+  better on every draw.
 
 - `tie_gqa`: under grouped-query attention AutoAWQ and llm-compressor drop v -> o (a per-column
   scale on o_proj has no inverse on the narrower v_proj), which leaves o_proj with no scale at all.
@@ -584,7 +591,9 @@ def apply_clip(module: nn.Module, ratios: torch.Tensor, mode: str = "abs") -> No
 
 @torch.no_grad()
 def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, spec: QuantSpec,
-                 passes: int = 2, name: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 passes: int = 2, name: str = "", gram: torch.Tensor | None = None,
+                 cross_weight: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes, scales `[out, n_group]` and zero points of w `[out, in]` on its groups' grids: the
     min-max grid of the clipped w_clip (what WQLinear.from_weight would store), then `passes` rounds
     of: each group's scale refitted by least squares to the group's partial output, d G_g d^T with
@@ -611,6 +620,8 @@ def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, sp
         d = wg - scale * (codes - z)
         return torch.bmm(d, blocks).mul_(d).sum(-1)  # [ng, out]
 
+    if gram is not None:
+        return _refit_cross(wg, qg, s, z, gram.to(w.device, torch.float32), spec, passes, q.dtype, qp, cross_weight)
     best = error(s, qg)
     for _ in range(passes):
         u = qg - z
@@ -626,6 +637,44 @@ def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, sp
         best = torch.where(take, e_new, best)
     codes = qg.transpose(0, 1).reshape(out_f, in_f).to(q.dtype)
     zeros = None if qp.zero_point is None else z.squeeze(-1).t().reshape(qp.zero_point.shape)
+    return codes, s.squeeze(-1).t().reshape(qp.scale.shape), zeros
+
+
+def _refit_cross(wg, qg, s, z, gram, spec, passes, code_dtype, qp, weight=1.0):
+    """refit_scales on the whole output error d G d^T (G `[in, in]` = X^T X / n): `passes` sweeps over
+    the groups in order, each group's scale fitted by least squares with the other groups' current
+    error held (the cross terms d_g G_gh d_h^T that the per-group fit ignores), its codes re-rounded
+    to nearest, and the result kept per row only where the whole row's error drops. `weight` < 1
+    shrinks the cross terms towards the per-group fit (G's off-diagonal blocks times weight)."""
+    ng, out_f, gs = wg.shape
+    s, qg = s.float().clone(), qg.clone()
+    g4 = gram.view(ng, gs, ng, gs)
+    d = (wg - s * (qg - z)).transpose(0, 1).reshape(out_f, ng * gs)  # [out, in]
+    for _ in range(passes):
+        for g in range(ng):
+            sl = slice(g * gs, (g + 1) * gs)
+            G_gg = g4[g, :, g, :]
+            dg = d[:, sl]
+            # [out, gs]: the rest of the row's error as group g sees it, times `weight`
+            other = (d @ gram[:, sl] - dg @ G_gg).mul_(weight)
+
+            def part(e):  # the terms of the row's error that involve group g
+                return ((e @ G_gg) * e).sum(-1) + 2 * (e * other).sum(-1)
+
+            u = qg[g] - z[g]
+            hu = u @ G_gg
+            num = (hu * wg[g]).sum(-1, keepdim=True) + (u * other).sum(-1, keepdim=True)
+            den = (hu * u).sum(-1, keepdim=True)
+            ok = (num > 0) & (den > 0)
+            s_new = fp16_scale(torch.where(ok, num / torch.where(ok, den, 1.0), s[g]))
+            q_new = torch.clamp(torch.round(wg[g] / s_new) + z[g], spec.qmin, spec.qmax)
+            d_new = wg[g] - s_new * (q_new - z[g])
+            take = (part(d_new) < part(dg)).unsqueeze(-1)
+            s[g] = torch.where(take, s_new, s[g])
+            qg[g] = torch.where(take, q_new, qg[g])
+            d[:, sl] = torch.where(take, d_new, dg)
+    codes = qg.transpose(0, 1).reshape(out_f, ng * gs).to(code_dtype)
+    zeros = None if qp.zero_point is None else z.squeeze(-1).t().reshape(qp.zero_point.shape).to(qp.zero_point.dtype)
     return codes, s.squeeze(-1).t().reshape(qp.scale.shape), zeros
 
 
@@ -649,12 +698,21 @@ class AWQ(Algorithm):
                  output_tokens: int | None = 512, output_dtype: str = "bfloat16", clip_mode: str = "abs",
                  stats_dtype: str = "bfloat16", forward_dtype: str = "float32", grid_stride: int = 1,
                  propagate: str = "float", tie_gqa: bool = False, attention_tokens: int | None = None,
-                 refit: int = 0):
+                 refit: int = 0, refit_cross: float = 0.0):
         self.spec = spec
         # > 0: after the clip search, that many least-squares refits of each group's scale (refit_scales)
         if int(refit) < 0:
             raise SpecError(f"refit must be a number of passes >= 0, got {refit!r}")
         self.refit = int(refit)
+        # the refit on the whole X^T X (cross-group terms included) instead of its group blocks
+        # a weight in [0, 1] on the cross-group terms (true = 1)
+        try:
+            rc = float(refit_cross)
+        except (TypeError, ValueError):
+            rc = -1.0
+        if not 0.0 <= rc <= 1.0:
+            raise SpecError(f"refit_cross must be a weight in [0, 1] (or true/false), got {refit_cross!r}")
+        self.refit_cross = rc
         # v -> o under grouped-query attention (which AutoAWQ and llm-compressor skip): one scale per
         # value channel, shared by the o_proj columns of the query heads that read it
         self.tie_gqa = bool(tie_gqa)
@@ -767,6 +825,8 @@ class AWQ(Algorithm):
         # the whole X^T X only where a scale is scored from it; the clip search reads its group blocks
         full = tuple(n for p in pairs if p.kind != "act" and (self.objective != "output" or not _nonlinear_inspect(p))
                      for n in p.linear_names)
+        if self.refit and self.refit_cross and self.quantize:
+            full = None
         tick = time.perf_counter()
         feats = self.get_input_feat(ctx, list(linears), keep, full)
         tick = self._timed("input_feat", tick)
@@ -829,7 +889,10 @@ class AWQ(Algorithm):
         if self.refit and self.quantize and not self.spec.is_codebook:
             for n, m in linears.items():
                 w = linear_weight(m)
-                refit[n] = (w.detach().float().clone(), feats[n].group_blocks(WQLinear.spec_group_size(self.spec, w.shape[1])))
+                st = feats[n]
+                gram = st.gram / max(st.n, 1) if self.refit_cross and st.gram is not None else None
+                refit[n] = (w.detach().float().clone(), st.group_blocks(WQLinear.spec_group_size(self.spec, w.shape[1])),
+                            gram)
         if self.clip:
             for n, m in linears.items():
                 if any(n.split(".")[-1] == k for k in self.clip_skip):
@@ -859,8 +922,9 @@ class AWQ(Algorithm):
             w = linear_weight(m)
             bias, name = getattr(m, "bias", None), f"{ctx.name}.{n}"
             if refit and n in refit:
-                target, blocks = refit[n]
-                codes, scales, zeros = refit_scales(target, w, blocks, self.spec, self.refit, name=name)
+                target, blocks, gram = refit[n]
+                codes, scales, zeros = refit_scales(target, w, blocks, self.spec, self.refit, name=name, gram=gram,
+                                                    cross_weight=self.refit_cross)
                 q = WQLinear.from_codes(codes, scales, zeros, self.spec, bias=bias, name=name)
             else:
                 q = WQLinear.from_weight(w, bias, self.spec, name=name)
@@ -873,5 +937,5 @@ class AWQ(Algorithm):
                 "output_tokens": self.output_tokens, "output_dtype": self.output_dtype, "clip_mode": self.clip_mode,
                 "stats_dtype": self.stats_dtype, "forward_dtype": str(self.forward_dtype).replace("torch.", ""),
                 "grid_stride": self.grid_stride, "propagate": self.propagate, "tie_gqa": self.tie_gqa,
-                "refit": self.refit,
+                "refit": self.refit, "refit_cross": self.refit_cross,
                 "attention_tokens": self.attention_tokens}
