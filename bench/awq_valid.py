@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--step", default="awq", help="with --recipe: the method whose step takes the overrides")
     ap.add_argument("--json-lines", type=Path, help="append the result row here")
     ap.add_argument("overrides", nargs="*", help="AWQ step options, KEY=JSON_VALUE")
+    ap.add_argument("--calib-bos", action="store_true", help="calibration windows start with BOS (as Gemma's evaluation windows)")
     ap.add_argument("--seeds", default="0", help="comma-separated calibration seeds: one quantization each")
     args = ap.parse_args()
     kw = parse_overrides(args.overrides)
@@ -128,7 +129,8 @@ def run(args, kw: dict, seed: int, avoid: tuple) -> dict:
         made.append(self)
 
     awq_mod.AWQ.__init__ = spy
-    calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen, seed=seed)
+    calib = lowbit.calib.text_file(WIKI_VALID, n_samples=args.n_samples, seqlen=args.seqlen, seed=seed,
+                                   bos=True if args.calib_bos else None)
     t0 = time.perf_counter()
     try:
         if args.float:
@@ -153,7 +155,7 @@ def run(args, kw: dict, seed: int, avoid: tuple) -> dict:
     finally:
         awq_mod.AWQ.__init__ = real_init
     seconds = time.perf_counter() - t0
-    row = {"model": args.model, "name": name, "seed": seed, "quant_s": round(seconds, 1),
+    row = {"model": args.model, "name": name, "seed": seed, "calib_bos": args.calib_bos, "quant_s": round(seconds, 1),
            "threads": torch.get_num_threads()}
     if not args.float:
         row["bits_per_weight"] = round(bits_per_weight(model)["bits_per_weight"], 3)
