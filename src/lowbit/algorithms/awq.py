@@ -600,7 +600,9 @@ def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, sp
     of: each group's scale refitted by least squares to the group's partial output, d G_g d^T with
     G_g its block of X^T X (`blocks` [n_group, G, G], as search_best_clip scores), keeping the codes
     and zero point; the codes rounded again on the new scale. A group takes a round's result only
-    where its error went down, so no group ends worse than the clip search left it.
+    where its error went down, so no group ends worse than the clip search left it. With `gram`
+    (X^T X / n, `[in, in]`) the fit is on the linear's whole output error instead (_refit_cross),
+    the cross-group terms weighted by `cross_weight`.
     """
     q, qp = WQLinear.round_weight(w_clip, spec, name=name)
     if spec.is_codebook or passes < 1:
@@ -705,8 +707,8 @@ class AWQ(Algorithm):
         if int(refit) < 0:
             raise SpecError(f"refit must be a number of passes >= 0, got {refit!r}")
         self.refit = int(refit)
-        # the refit on the whole X^T X (cross-group terms included) instead of its group blocks
-        # a weight in [0, 1] on the cross-group terms (true = 1)
+        # the refit on the whole X^T X instead of its group blocks: a weight in [0, 1] on the
+        # cross-group terms (true = 1; 0 = the per-group refit)
         try:
             rc = float(refit_cross)
         except (TypeError, ValueError):
@@ -888,12 +890,14 @@ class AWQ(Algorithm):
 
         refit = {}  # linear name -> (its weight before the clip, its G's group blocks)
         if self.refit and self.quantize and not self.spec.is_codebook:
+            grams = {}  # id(stats) -> G / n: q/k/v (and gate/up) share one statistics object
             for n, m in linears.items():
                 w = linear_weight(m)
                 st = feats[n]
-                gram = st.gram / max(st.n, 1) if self.refit_cross and st.gram is not None else None
+                if self.refit_cross and st.gram is not None and id(st) not in grams:
+                    grams[id(st)] = st.gram / max(st.n, 1)
                 refit[n] = (w.detach().float().clone(), st.group_blocks(WQLinear.spec_group_size(self.spec, w.shape[1])),
-                            gram)
+                            grams.get(id(st)))
         if self.clip:
             for n, m in linears.items():
                 if any(n.split(".")[-1] == k for k in self.clip_skip):
