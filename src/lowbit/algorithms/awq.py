@@ -610,7 +610,6 @@ def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, sp
     out_f, in_f = w.shape
     ng = qp.scale.reshape(out_f, -1).shape[1]
     gs = in_f // ng
-    blocks = blocks.to(w.device, torch.float32)
 
     def grouped(t):  # [out, in] -> [ng, out, G]
         return t.float().reshape(out_f, ng, gs).transpose(0, 1)
@@ -618,37 +617,50 @@ def refit_scales(w: torch.Tensor, w_clip: torch.Tensor, blocks: torch.Tensor, sp
     wg, qg = grouped(w), grouped(q)
     s = qp.scale.reshape(out_f, ng).t().unsqueeze(-1)  # [ng, out, 1]
     z = torch.zeros_like(s) if qp.zero_point is None else qp.zero_point.reshape(out_f, ng).t().unsqueeze(-1)
-
-    def error(scale, codes):
-        d = wg - scale * (codes - z)
-        return torch.bmm(d, blocks).mul_(d).sum(-1)  # [ng, out]
-
     if gram is not None:
-        return _refit_cross(wg, qg, s, z, gram.to(w.device, torch.float32), spec, passes, q.dtype, qp, cross_weight)
-    best = error(s, qg)
-    for _ in range(passes):
-        u = qg - z
-        hu = torch.bmm(u, blocks)
-        num, den = (hu * wg).sum(-1, keepdim=True), (hu * u).sum(-1, keepdim=True)
-        ok = (num > 0) & (den > 0)
-        s_new = fp16_scale(torch.where(ok, num / torch.where(ok, den, 1.0), s))
-        q_new = torch.clamp(torch.round(wg / s_new) + z, spec.qmin, spec.qmax)
-        e_new = error(s_new, q_new)
-        take = e_new < best
-        s = torch.where(take.unsqueeze(-1), s_new, s)
-        qg = torch.where(take.unsqueeze(-1), q_new, qg)
-        best = torch.where(take, e_new, best)
+        s, qg = _refit_cross(wg, qg, s, z, gram.to(w.device, torch.float32), spec, passes, cross_weight)
+    else:
+        blocks = blocks.to(w.device, torch.float32)
+
+        def error(scale, codes):
+            d = wg - scale * (codes - z)
+            return torch.bmm(d, blocks).mul_(d).sum(-1)  # [ng, out]
+
+        best = error(s, qg)
+        for _ in range(passes):
+            s_new, q_new = _ls_rescale(wg, qg, z, s, blocks, spec)
+            e_new = error(s_new, q_new)
+            take = e_new < best
+            s = torch.where(take.unsqueeze(-1), s_new, s)
+            qg = torch.where(take.unsqueeze(-1), q_new, qg)
+            best = torch.where(take, e_new, best)
     codes = qg.transpose(0, 1).reshape(out_f, in_f).to(q.dtype)
     zeros = None if qp.zero_point is None else z.squeeze(-1).t().reshape(qp.zero_point.shape)
     return codes, s.squeeze(-1).t().reshape(qp.scale.shape), zeros
 
 
-def _refit_cross(wg, qg, s, z, gram, spec, passes, code_dtype, qp, weight=1.0):
+def _ls_rescale(wg, codes, z, s, G, spec, other=None):
+    """One least-squares step on grids of w `[..., out, G]`: the scale minimising (w - s u) G (.)^T
+    (+ 2 (w - s u) . other) with u = codes - z, rounded to fp16 (the old scale where the fit is not
+    positive), and the codes rounded again on it."""
+    u = codes - z
+    hu = u @ G
+    num = (hu * wg).sum(-1, keepdim=True)
+    if other is not None:
+        num = num + (u * other).sum(-1, keepdim=True)
+    den = (hu * u).sum(-1, keepdim=True)
+    ok = (num > 0) & (den > 0)
+    s_new = fp16_scale(torch.where(ok, num / torch.where(ok, den, 1.0), s))
+    return s_new, torch.clamp(torch.round(wg / s_new) + z, spec.qmin, spec.qmax)
+
+
+def _refit_cross(wg, qg, s, z, gram, spec, passes, weight=1.0):
     """refit_scales on the whole output error d G d^T (G `[in, in]` = X^T X / n): `passes` sweeps over
     the groups in order, each group's scale fitted by least squares with the other groups' current
     error held (the cross terms d_g G_gh d_h^T that the per-group fit ignores), its codes re-rounded
     to nearest, and the result kept per row only where the whole row's error drops. `weight` < 1
-    shrinks the cross terms towards the per-group fit (G's off-diagonal blocks times weight)."""
+    shrinks the cross terms towards the per-group fit (G's off-diagonal blocks times weight).
+    Returns the scales and codes, grouped as given."""
     ng, out_f, gs = wg.shape
     s, qg = s.float().clone(), qg.clone()
     g4 = gram.view(ng, gs, ng, gs)
@@ -664,21 +676,13 @@ def _refit_cross(wg, qg, s, z, gram, spec, passes, code_dtype, qp, weight=1.0):
             def part(e):  # the terms of the row's error that involve group g
                 return ((e @ G_gg) * e).sum(-1) + 2 * (e * other).sum(-1)
 
-            u = qg[g] - z[g]
-            hu = u @ G_gg
-            num = (hu * wg[g]).sum(-1, keepdim=True) + (u * other).sum(-1, keepdim=True)
-            den = (hu * u).sum(-1, keepdim=True)
-            ok = (num > 0) & (den > 0)
-            s_new = fp16_scale(torch.where(ok, num / torch.where(ok, den, 1.0), s[g]))
-            q_new = torch.clamp(torch.round(wg[g] / s_new) + z[g], spec.qmin, spec.qmax)
+            s_new, q_new = _ls_rescale(wg[g], qg[g], z[g], s[g], G_gg, spec, other)
             d_new = wg[g] - s_new * (q_new - z[g])
             take = (part(d_new) < part(dg)).unsqueeze(-1)
             s[g] = torch.where(take, s_new, s[g])
             qg[g] = torch.where(take, q_new, qg[g])
             d[:, sl] = torch.where(take, d_new, dg)
-    codes = qg.transpose(0, 1).reshape(out_f, ng * gs).to(code_dtype)
-    zeros = None if qp.zero_point is None else z.squeeze(-1).t().reshape(qp.zero_point.shape).to(qp.zero_point.dtype)
-    return codes, s.squeeze(-1).t().reshape(qp.scale.shape), zeros
+    return s, qg
 
 
 def _nonlinear_inspect(pair) -> bool:
@@ -828,7 +832,8 @@ class AWQ(Algorithm):
         # the whole X^T X only where a scale is scored from it; the clip search reads its group blocks
         full = tuple(n for p in pairs if p.kind != "act" and (self.objective != "output" or not _nonlinear_inspect(p))
                      for n in p.linear_names)
-        if self.refit and self.refit_cross and self.quantize:
+        refit_cross = bool(self.refit and self.refit_cross and self.quantize and not self.spec.is_codebook)
+        if refit_cross:  # the refit reads every linear's whole X^T X
             full = None
         tick = time.perf_counter()
         feats = self.get_input_feat(ctx, list(linears), keep, full)
@@ -888,13 +893,13 @@ class AWQ(Algorithm):
             self.last_scales[key] = s.cpu()
             self.last_losses[key] = losses
 
-        refit = {}  # linear name -> (its weight before the clip, its G's group blocks)
+        refit = {}  # linear name -> (its weight before the clip, its G's group blocks, G / n or None)
         if self.refit and self.quantize and not self.spec.is_codebook:
             grams = {}  # id(stats) -> G / n: q/k/v (and gate/up) share one statistics object
             for n, m in linears.items():
                 w = linear_weight(m)
                 st = feats[n]
-                if self.refit_cross and st.gram is not None and id(st) not in grams:
+                if refit_cross and id(st) not in grams:
                     grams[id(st)] = st.gram / max(st.n, 1)
                 refit[n] = (w.detach().float().clone(), st.group_blocks(WQLinear.spec_group_size(self.spec, w.shape[1])),
                             grams.get(id(st)))
