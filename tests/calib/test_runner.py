@@ -162,6 +162,35 @@ def test_reused_outputs_are_exact(model_type):
     assert not any(torch.equal(a, b) for a, b in zip(got["changed"], got["plain"]))
 
 
+def test_reused_tail_does_not_rerun_input_hooks():
+    """A pre-hook that changes a linear's input (a rotation, a rescale) runs once per call: when only
+    o_proj / down_proj changed, the memo re-runs that linear on the input its forward received."""
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(5))
+    got = {}
+
+    class Check(Algorithm):
+        def quantize_block(self, ctx):
+            if ctx.index:
+                return
+            hooks = [get_module(ctx.block, n).register_forward_pre_hook(lambda m, a: (a[0] * 2.0,))
+                     for n in ("self_attn.o_proj", "mlp.down_proj")]
+            with ctx.reuse_outputs():
+                ctx.forward()
+                for n in ("self_attn.o_proj", "mlp.down_proj"):
+                    get_module(ctx.block, n).weight.mul_(0.5)
+                got["reused"] = ctx.forward()
+            got["plain"] = ctx.forward()
+            for h in hooks:
+                h.remove()
+
+    with torch.no_grad():
+        BlockRunner(model, adapter, ids, batch_size=2, progress=False).run([Check()])
+    for a, b in zip(got["reused"], got["plain"]):
+        assert torch.equal(a, b)
+
+
 def test_reuse_skips_the_forward_of_unchanged_modules(tiny_llama):
     model = tiny_llama
     adapter = get_adapter(model)

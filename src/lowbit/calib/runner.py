@@ -325,7 +325,9 @@ class BlockContext:
             lin = get_module(self.block, tail_name)
             if not _same_state(m.rest, _without(state, lin)):
                 return None
-            new_tail = lin(*tail_call[0], **tail_call[1])
+            # the recorded call is what the linear's forward received, after its pre-hooks: calling the
+            # module again would run them a second time (a hook that rotates or rescales x, twice)
+            new_tail = lin.forward(*tail_call[0], **tail_call[1])
             out = _replace_tensor(m.out, tail_out, new_tail)
             self._memo[key] = entry(call, out, (tail_name, new_tail, tail_call))
             return out
