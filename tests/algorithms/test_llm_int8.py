@@ -125,3 +125,76 @@ def test_gptq_preset():
     assert type(alg).__name__ == "LLMInt8" and alg.threshold == 6.0
     assert alg.rounding == "gptq" and alg.act_calib == 1.0 and alg.requires_calibration
     assert not load_recipe("w8a8-llm-int8").build()[-1].requires_calibration
+
+
+def test_rotated_module_spreads_channels_under_the_threshold():
+    """The case LLM.int8() leaves alone: large channels under the threshold set every token's int8
+    scale. Rotated (W R^T times R x), the same float product with a far smaller rounding error."""
+    torch.manual_seed(2)
+    lin = nn.Linear(128, 48)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)  # LLM weights are bell-shaped, not nn.Linear's uniform init
+    x = torch.randn(60, 128) * 0.3
+    x[:, [3, 70]] = 5.0 * torch.randn(60, 2).sign()  # under 6.0, so no outlier columns
+    with torch.no_grad():
+        ref = lin(x)
+        plain = MixedInt8Linear.from_float(lin)
+        rot = MixedInt8Linear.from_float(lin, rotate_block=64, rotate_seed=1)
+        err = lambda m: float((m(x) - ref).pow(2).mean() / ref.pow(2).mean())  # noqa: E731
+        assert err(rot) < err(plain) / 3 and err(rot) < 1e-4, (err(rot), err(plain))
+        # the weight it holds is the rotated one; rotated back it is the float weight up to int8 rounding
+        # (R is orthogonal, so each row's error keeps its norm: at most half a step per entry)
+        row_err = (rot.dequantize_weight() - lin.weight).norm(dim=1)
+        assert bool((row_err <= rot.weight_scale.reshape(-1) * 0.5 * 128 ** 0.5 * 1.001).all())
+        assert float((rot.weight.float() * rot.weight_scale - lin.weight).abs().max()) > 0.05
+        y16 = rot(x.to(torch.bfloat16))
+        assert y16.dtype == torch.bfloat16
+    assert rot.storage_bits() == plain.storage_bits() + 128 * 8
+    with pytest.raises(SpecError, match="not divisible by the rotation block"):
+        MixedInt8Linear.from_float(nn.Linear(96, 8), rotate_block=64, name="x")
+    with pytest.raises(SpecError, match="one sign"):
+        MixedInt8Linear.from_codes(plain.weight, plain.weight_scale, None, rotate_block=64,
+                                   rotation_signs=torch.zeros(128, dtype=torch.int8))
+
+
+def test_rotated_preset_round_trip(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 5.0  # a large channel under the threshold
+        want = model(IDS).logits
+    errs = {}
+    for rot in (False, True, "gptq"):
+        rec = load_recipe("w8a8-llm-int8")
+        if rot:
+            rec.steps[0].update(rotate="hadamard", rotate_block=32)
+        if rot == "gptq":  # GPTQ on the rotated weight and inputs: closer still on its calibration tokens
+            rec.steps[0].update(rounding="gptq", act_calib=1.0)
+        m = tiny_model("llama")
+        m.load_state_dict(model.state_dict())
+        q = lowbit.quantize(m, rec, IDS if rot == "gptq" else None, progress=False)
+        with torch.no_grad():
+            got = q(IDS).logits
+        errs[rot] = float((got - want).pow(2).mean() / want.pow(2).mean())
+    assert errs["gptq"] < errs[True] < errs[False], errs
+    mods = [x for x in q.modules() if isinstance(x, MixedInt8Linear)]
+    assert len(mods) == 14 and all(x.rotate_block == 32 for x in mods)
+    assert q.lowbit_recipe["steps"][-1]["rotate"] == "hadamard"
+    lowbit.save(q, tmp_path / "ck")
+    again = lowbit.load(tmp_path / "ck")
+    r = again.get_submodule("model.layers.1.mlp.down_proj")
+    assert r.rotate_block == 32 and torch.equal(r.rotation_signs, q.get_submodule("model.layers.1.mlp.down_proj").rotation_signs)
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, got)
+
+
+def test_rotation_settings_are_checked():
+    for bad, match in ((dict(rotate="givens"), "rotate"), (dict(rotate="hadamard", rotate_block=48), "power of two"),
+                       (dict(rotate="hadamard", rotate_seed=-1), "rotate_seed")):
+        rec = load_recipe("w8a8-llm-int8")
+        rec.steps[0].update(bad)
+        with pytest.raises(SpecError, match=match):
+            rec.build()
+    rec = load_recipe("w8a8-llm-int8")
+    rec.steps[0].update(rotate="hadamard", rotate_block=256)  # wider than the tiny model's 64 features
+    with pytest.raises(SpecError, match="not divisible by the rotation block 256"):
+        lowbit.quantize(tiny_model("llama"), rec, None, progress=False)

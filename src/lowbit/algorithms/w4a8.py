@@ -8,6 +8,10 @@ Activations: int8 per token, dynamic. No calibration.
 `rounding: gptq` keeps that grid (row scales and integer group scales chosen from the float weight as
 rounding to nearest chooses them) and lets GPTQ pick the codes on it, each absorbing the output error
 of those before it (`lowbit.algorithms.gptq.round_on_fixed_grids`); that needs calibration data.
+
+`rotate: hadamard` (`rotate_block`, `rotate_seed`): every linear holds `W R^T` and multiplies `R x`,
+a randomized block-Hadamard rotation (lowbit.algorithms.rotation): int4 weight groups and per-token
+int8 activations without their large channels. With GPTQ the codes are chosen in the rotated basis.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..nn import W4A8Linear, is_int8_per_token
 from ..quant import PerChannel, PerGroup, PerTensor, QuantSpec
 from .base import Algorithm
 from .gptq import check_rounding, round_on_fixed_grids
+from .rotation import check_model_widths, check_rotate_options, rotated_float_linears
 from .w8a8 import check_finite_weights
 
 
@@ -51,16 +56,22 @@ class W4A8(Algorithm):
     takes_activations = True
 
     def __init__(self, spec: QuantSpec, activations: QuantSpec | None = None, rounding: str = "nearest",
-                 percdamp: float = 0.01, act_order: bool = True):
+                 percdamp: float = 0.01, act_order: bool = True, rotate: str = "none", rotate_block: int = 64,
+                 rotate_seed: int = 0):
         self.spec = spec
         self.weight_granularity, self.group_size = int4_granularity(spec)
         check_per_token(activations, "W4A8")
         self.rounding, self.percdamp = check_rounding("w4a8", rounding, percdamp)
         self.act_order = bool(act_order)
         self.requires_calibration = rounding == "gptq"
+        self.rotate = rotate
+        self.rotate_block = check_rotate_options("w4a8", rotate, rotate_block, rotate_seed)
+        self.rotate_seed = int(rotate_seed)
 
     def prepare(self, model, adapter) -> None:
         check_finite_weights(model, adapter)
+        if self.rotate_block:
+            check_model_widths(model, adapter, self.rotate_block)
 
     @torch.no_grad()
     def quantize_block(self, ctx) -> None:
@@ -72,20 +83,24 @@ class W4A8(Algorithm):
             s = s.reshape(-1, 1).expand(w.shape[0], 1)
             return s if gs is None else s * gs.float()
 
-        codes = {}
+        codes, signs = {}, {}
         if self.rounding == "gptq":
             spec = QuantSpec(bits=4, symmetric=True,
                              granularity=PerGroup(self.group_size) if self.group_size else PerChannel())
-            codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=self.percdamp, act_order=self.act_order)
+            with rotated_float_linears(linears, self.rotate_block, self.rotate_seed) as signs:
+                codes = round_on_fixed_grids(ctx, linears, spec, grid, percdamp=self.percdamp,
+                                             act_order=self.act_order)
+        rot = dict(rotate_block=self.rotate_block)
         for n, m in linears.items():
             name, bias = f"{ctx.name}.{n}", getattr(m, "bias", None)
             if n in codes:
                 _, s, gs = grids[n]
                 q = W4A8Linear.from_codes(codes[n].to(torch.int8), s, bias, group_scale=gs,
-                                          group_size=self.group_size, name=name)
+                                          group_size=self.group_size, rotation_signs=signs.get(n), name=name, **rot)
             else:
                 q = W4A8Linear.from_weight(linear_weight(m), bias, weight_granularity=self.weight_granularity,
-                                           group_size=self.group_size, name=name)
+                                           group_size=self.group_size, rotate_seed=self.rotate_seed, name=name,
+                                           **rot)
             set_module(ctx.block, n, q.to(linear_weight(m).device))
 
     def config(self) -> dict:
@@ -93,4 +108,6 @@ class W4A8(Algorithm):
              "activations": "per_token", "rounding": self.rounding}
         if self.rounding == "gptq":
             d.update(percdamp=self.percdamp, act_order=self.act_order)
+        if self.rotate_block:
+            d.update(rotate=self.rotate, rotate_block=self.rotate_block, rotate_seed=self.rotate_seed)
         return d

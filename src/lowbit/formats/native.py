@@ -51,11 +51,13 @@ def module_config(m: nn.Module) -> dict:
         return {"class": "SpQRLinear", **common, "bits": m.bits, "group_size": m.group_size,
                 "qq_scale_bits": m.qq_scale_bits, "qq_zero_bits": m.qq_zero_bits, "qq_groupsize": m.qq_groupsize,
                 "n_outliers": m.n_outliers, "act_order": m.perm is not None}
+    rot = {"rotate_block": m.rotate_block} if getattr(m, "rotate_block", 0) else {}
     if isinstance(m, MixedInt8Linear):  # before W8A8Linear, its base class
-        return {"class": "MixedInt8Linear", **common, "threshold": m.threshold}
+        return {"class": "MixedInt8Linear", **common, "threshold": m.threshold, **rot}
     if isinstance(m, W8A8Linear):
         return {"class": "W8A8Linear", **common, "weight_granularity": m.weight_granularity, "act_mode": m.act_mode}
-    return {"class": "W4A8Linear", **common, "weight_granularity": m.weight_granularity, "group_size": m.group_size}
+    return {"class": "W4A8Linear", **common, "weight_granularity": m.weight_granularity, "group_size": m.group_size,
+            **rot}
 
 
 def module_from_config(c: dict, name: str) -> nn.Module:
@@ -67,7 +69,8 @@ def module_from_config(c: dict, name: str) -> nn.Module:
                           act_order=bool(c.get("act_order", False)), name=name)
     if c.get("class") == "MixedInt8Linear":
         return MixedInt8Linear(c["in_features"], c["out_features"], threshold=c["threshold"], bias=c["bias"],
-                               bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"), name=name)
+                               bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"),
+                               rotate_block=int(c.get("rotate_block", 0)), name=name)
     if c.get("class") == "W8A8Linear":
         return W8A8Linear(c["in_features"], c["out_features"], weight_granularity=c["weight_granularity"],
                           act_mode=c["act_mode"], bias=c["bias"],
@@ -75,7 +78,8 @@ def module_from_config(c: dict, name: str) -> nn.Module:
     if c.get("class") == "W4A8Linear":
         return W4A8Linear(c["in_features"], c["out_features"], weight_granularity=c["weight_granularity"],
                           group_size=c.get("group_size"), bias=c["bias"],
-                          bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"), name=name)
+                          bias_dtype=getattr(torch, c.get("bias_dtype") or "float32"),
+                          rotate_block=int(c.get("rotate_block", 0)), name=name)
     if c.get("class") != "WQLinear":
         raise CheckpointError(f"checkpoint module {name} has unknown class {c.get('class')!r}")
     return WQLinear(c["in_features"], c["out_features"], bits=c["bits"], group_size=c["group_size"],

@@ -253,6 +253,9 @@ class FakeQuantLinear(nn.Module):
                         name: str = "") -> "FakeQuantLinear":
         """A W4A8 PTQ result as the starting point: its int4 codes on its grid (per row, or the two-level
         groups with their integer multipliers), its input rounded per token to int8 as the kernel does."""
+        if getattr(q, "rotate_block", 0):
+            raise SpecError(f"layer {name or '?'}: QAT does not train input-rotated W4A8 layers; quantize without "
+                            f"`rotate` to start QAT from W4A8")
         spec = QuantSpec(bits=4, symmetric=True,
                          granularity=PerGroup(q.group_size if q.weight_granularity == "group" else -1))
         m = cls(q.in_features, q.out_features, spec, bias=q.bias is not None, learnable_scales=learnable_scales,

@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import GroupSizeError, InvalidWeightsError, SpecError
+from .input_rotation import InputRotation, rotate_weight
 from ..kernels.w4a8 import GROUP_SCALE_MAX, INT4_MAX, INT4_MIN, unpack_int4, w4a8_gemm, w4a8_int8_weight
 from ..quant.packing import pack
 
@@ -86,10 +87,10 @@ def int4_weight(weight: torch.Tensor, granularity: str, group_size: int | None =
     return codes, s, gscale
 
 
-class W4A8Linear(nn.Module):
+class W4A8Linear(InputRotation, nn.Module):
     def __init__(self, in_features: int, out_features: int, *, weight_granularity: str = "group",
                  group_size: int | None = 128, bias: bool = False, bias_dtype: torch.dtype = torch.float32,
-                 name: str = ""):
+                 rotate_block: int = 0, name: str = ""):
         super().__init__()
         if weight_granularity not in WEIGHT_GRANULARITIES:
             raise SpecError(f"layer {name or '?'}: weight granularity must be one of {WEIGHT_GRANULARITIES}, "
@@ -118,25 +119,33 @@ class W4A8Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
         else:
             self.bias = None
+        self._init_rotation(in_features, rotate_block, name)
 
     @classmethod
     def from_float(cls, linear: nn.Module, *, weight_granularity: str = "group", group_size: int | None = 128,
-                   name: str = "") -> "W4A8Linear":
+                   rotate_block: int = 0, rotate_seed: int = 0, name: str = "") -> "W4A8Linear":
         return cls.from_weight(linear.weight, getattr(linear, "bias", None), weight_granularity=weight_granularity,
-                               group_size=group_size, name=name)
+                               group_size=group_size, rotate_block=rotate_block, rotate_seed=rotate_seed, name=name)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, weight_granularity: str = "group",
-                    group_size: int | None = 128, name: str = "") -> "W4A8Linear":
+                    group_size: int | None = 128, rotate_block: int = 0, rotate_seed: int = 0,
+                    name: str = "") -> "W4A8Linear":
+        """From a float weight `[out, in]`; with `rotate_block` its rows are rotated first (`W R^T`, see
+        `InputRotation`) with the signs `rotation_signs(in, rotate_seed)`."""
+        weight, signs = rotate_weight(weight, rotate_block, rotate_seed, name)
         codes, scale, gscale = int4_weight(weight, weight_granularity, group_size, name)
-        return cls.from_codes(codes, scale, bias, group_scale=gscale, group_size=group_size, name=name)
+        return cls.from_codes(codes, scale, bias, group_scale=gscale, group_size=group_size,
+                              rotate_block=rotate_block, rotation_signs=signs, name=name)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
                    group_scale: torch.Tensor | None = None, group_size: int | None = None,
+                   rotate_block: int = 0, rotation_signs: torch.Tensor | None = None,
                    name: str = "") -> "W4A8Linear":
         """From int4 codes `[out, in]` in [-8, 7] and their scales (an algorithm that chose its own
-        grid, ZeroQuant's row groups, builds the module this way)."""
+        grid, ZeroQuant's row groups, builds the module this way); with `rotate_block`, codes of the
+        rotated weight and the signs that rotated it."""
         out_f, in_f = codes.shape
         ws = weight_scale.detach().float().reshape(-1)
         if ws.numel() not in (1, out_f):
@@ -145,7 +154,8 @@ class W4A8Linear(nn.Module):
             raise SpecError(f"layer {name or '?'}: int4 codes must lie in [{INT4_MIN}, {INT4_MAX}]")
         gran = "group" if group_scale is not None else ("tensor" if ws.numel() == 1 else "channel")
         m = cls(in_f, out_f, weight_granularity=gran, group_size=group_size, bias=bias is not None,
-                bias_dtype=bias.dtype if bias is not None else torch.float32, name=name)
+                bias_dtype=bias.dtype if bias is not None else torch.float32, rotate_block=rotate_block, name=name)
+        m._set_rotation_signs(rotation_signs, name)
         m.qweight.copy_(pack((codes.to(torch.int16) - INT4_MIN).cpu(), 4))
         m.weight_scale.copy_(ws.reshape(m.weight_scale.shape))
         if group_scale is not None:
@@ -165,18 +175,18 @@ class W4A8Linear(nn.Module):
         return w4a8_int8_weight(self.qweight, self.in_features, self.group_scale)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The float weight `[out, in]` this module computes with."""
-        return self.int8_weight().float() * self.weight_scale.reshape(-1, 1)
+        """The float weight `[out, in]` this module computes with, in the input's own basis."""
+        return self._unrotate_weight(self.int8_weight().float() * self.weight_scale.reshape(-1, 1))
 
     def storage_bits(self) -> int:
         total = self.qweight.numel() * 8 + self.weight_scale.numel() * 32
         if self.group_scale is not None:
             # k in [1, 16] needs 4 bits; the buffer keeps a byte per group for simplicity
             total += self.group_scale.numel() * 8
-        return total
+        return total + self._rotation_bits()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qx, xs = kernels.quantize_per_token(x)
+        qx, xs = kernels.quantize_per_token(self.rotate_input(x))
         return w4a8_gemm(qx, xs, self.qweight, self.in_features, self.weight_scale.reshape(-1), self.group_scale,
                          self.bias, x.dtype)
 
@@ -192,4 +202,4 @@ class W4A8Linear(nn.Module):
         g = (f"g{self.group_size} (two-level)" if self.weight_granularity == "group"
              else f"per-{self.weight_granularity}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight=int4 {g}, "
-                f"act=per_token int8, bias={self.bias is not None}")
+                f"act=per_token int8{self._rotation_repr()}, bias={self.bias is not None}")
