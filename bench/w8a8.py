@@ -41,7 +41,7 @@ from lowbit.nn import W8A8Linear, act_quant_norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import REPO, WIKI_TEST, WIKI_VALID, load_reference, markdown_table, quality, write_json  # noqa: E402
 
-PRESETS = ("w8a8-naive", "w8a8-sq-o1", "w8a8-sq-o2", "w8a8-sq-o3", "w8a8-llm-int8", "w8a8-llm-int8-gptq", "w8a8-zeroquant", "w4a8-zeroquant",
+PRESETS = ("w8a8-naive", "w8a8-sq-o1", "w8a8-sq-o2", "w8a8-sq-o3", "w8a8-llm-int8", "w8a8-llm-int8-paper", "w8a8-llm-int8-gptq", "w8a8-zeroquant", "w4a8-zeroquant",
            "w8a8-os", "w4a8")
 COLUMNS = [("bits/weight", "bits_per_weight", ".2f"), ("ppl", "ppl", ".3f"), ("Δppl", "delta_ppl", "+.3f"),
            ("Δppl %", "delta_pct", "+.2f"), ("KL", "kl", ".4f"), ("top-1", "top1_agreement", ".3f"),

@@ -4,7 +4,8 @@ One reference model, one set of WikiText-2 test windows (40 x 512 by default) an
 token ids (64 random 512-token slices of wiki.valid.tokens, cut once, handed to lowbit as a tensor and to
 the calibrated peer as a file with its SHA-256):
 
-- lowbit `w8a8-sq-o1`, `w8a8-llm-int8` and `w8a8-llm-int8-gptq`, quantized here, saved in lowbit's format and reloaded;
+- lowbit `w8a8-sq-o1`, `w8a8-llm-int8` (on rotated inputs), `w8a8-llm-int8-paper` (as published: the
+  like-for-like row for bitsandbytes) and `w8a8-llm-int8-gptq`, quantized here, saved in lowbit's format and reloaded;
 - llm-compressor 0.14.0.1: SmoothQuant (strength 0.5) + GPTQ with the scheme it ships as "W8A8"
   (int8 weights per channel, int8 activations per token, dynamic), in its own venv;
 - bitsandbytes 0.50.2 LLM.int8() (threshold 6.0) and torchao 0.18.0
@@ -17,7 +18,7 @@ last table gives, per peer, lowbit's perplexity increase over float divided by t
 target: <= 0.5).
 
     python bench/w8a8_peers.py [--model smollm2-135m] [--windows 40] [--calib-samples 64]
-        [--lowbit w8a8-sq-o1,w8a8-llm-int8,w8a8-llm-int8-gptq] [--peers llmc-w8a8,bnb-int8,torchao-w8a8] [--threads 1]
+        [--lowbit w8a8-sq-o1,w8a8-llm-int8,w8a8-llm-int8-paper,w8a8-llm-int8-gptq] [--peers llmc-w8a8,bnb-int8,torchao-w8a8] [--threads 1]
         [--json bench/out/w8a8_peers.json]
     python bench/w8a8_peers.py --merge a.json,b.json,... [--json merged.json]
 
@@ -46,7 +47,7 @@ from lowbit.eval import bits_per_weight
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import REPO, WIKI_TEST, WIKI_VALID, load_reference, quality, write_json  # noqa: E402
 
-LOWBIT_PRESETS = ("w8a8-sq-o1", "w8a8-llm-int8", "w8a8-llm-int8-gptq")
+LOWBIT_PRESETS = ("w8a8-sq-o1", "w8a8-llm-int8", "w8a8-llm-int8-paper", "w8a8-llm-int8-gptq")
 PEERS = ("llmc-w8a8", "bnb-int8", "torchao-w8a8")
 
 

@@ -120,6 +120,14 @@ def test_gptq_rounding_keeps_the_grid_and_lowers_the_error(tmp_path):
             rec.build()
 
 
+def test_presets_rotate_and_paper_does_not():
+    """w8a8-llm-int8 is LLM.int8() on rotated inputs, w8a8-llm-int8-paper the published scheme; both
+    calibration-free, the same threshold."""
+    rot, paper = load_recipe("w8a8-llm-int8").build()[-1], load_recipe("w8a8-llm-int8-paper").build()[-1]
+    assert (rot.rotate_block, paper.rotate_block) == (64, 0) and rot.threshold == paper.threshold == 6.0
+    assert not rot.requires_calibration and not paper.requires_calibration
+
+
 def test_gptq_preset():
     alg = load_recipe("w8a8-llm-int8-gptq").build()[-1]
     assert type(alg).__name__ == "LLMInt8" and alg.threshold == 6.0
@@ -164,7 +172,7 @@ def test_rotated_preset_round_trip(tmp_path):
         want = model(IDS).logits
     errs = {}
     for rot in (False, True, "gptq"):
-        rec = load_recipe("w8a8-llm-int8")
+        rec = load_recipe("w8a8-llm-int8-paper")
         if rot:
             rec.steps[0].update(rotate="hadamard", rotate_block=32)
         if rot == "gptq":  # GPTQ on the rotated weight and inputs: closer still on its calibration tokens
