@@ -131,7 +131,7 @@ def test_presets_rotate_and_paper_does_not():
 def test_gptq_preset():
     alg = load_recipe("w8a8-llm-int8-gptq").build()[-1]
     assert type(alg).__name__ == "LLMInt8" and alg.threshold == 6.0
-    assert alg.rounding == "gptq" and alg.act_calib == 1.0 and alg.requires_calibration
+    assert alg.rounding == "gptq" and alg.act_calib == 1.0 and alg.requires_calibration and alg.rotate_block == 64
     assert not load_recipe("w8a8-llm-int8").build()[-1].requires_calibration
 
 
