@@ -187,9 +187,18 @@ def test_cli_train_qat_trains_saves_and_resumes(tmp_path, tiny_dir, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def _w4a8_unrotated():
+    """The w4a8 preset in groups of 32 without its input rotation: QAT starts from unrotated layers."""
+    from lowbit.recipes import load_recipe
+
+    rec = load_recipe("w4a8", group_size=32)
+    rec.steps[0]["rotate"] = "none"
+    return rec
+
+
 def test_w4a8_qat_trains_the_group_multipliers_when_asked():
     model = tiny_model("llama")
-    lowbit.quantize(model, "w4a8", group_size=32, progress=False)
+    lowbit.quantize(model, _w4a8_unrotated(), progress=False)
     qat.prepare(model)
     start = {n: m.group_mult.detach().clone() for n, m in qat.fake_quant_modules(model).items()}
     cfg = _config(steps=6, distill=1.0, ce=0.0, train_weights=False, scale_lr=1e-5, mult_lr=0.5)
@@ -264,7 +273,7 @@ def test_w4a8_qat_trains_converts_to_w4a8linear_reloads_and_resumes(tmp_path):
     """W4A8: int8 inputs per token and two-level int4 groups in training, W4A8Linear after convert."""
     def start():
         model = tiny_model("llama")
-        lowbit.quantize(model, "w4a8", group_size=32, progress=False)
+        lowbit.quantize(model, _w4a8_unrotated(), progress=False)
         return model
 
     teacher = tiny_model("llama")
