@@ -11,7 +11,11 @@ about the all-linears row when the errors are independent.
     python bench/w8a8_attribution.py [--model smollm2-135m] [--windows 4] [--text valid|test]
         [--configs a8:all,w8:all,...] [--threshold 6.0[,4,3,...]] [--stats]
         [--smooth ALPHA [--calib-samples 16] [--pairs all] [--search-tokens 2048] [--objective block]]
-        [--json out.json]
+        [--rotate 64] [--json out.json]
+
+`--rotate B` quantizes every selected linear in a rotated basis (lowbit's `rotate: hadamard`: weight rows
+and inputs times the randomized block-Hadamard R of B channels, signs seed 0), each rounding done there
+and rotated back, so the rows show what the rotation leaves of each error.
 
 `--smooth` first folds SmoothQuant's scales (lowbit's `smoothquant` step alone, calibrated on random
 slices of wiki.valid.tokens) into the float model, so the rows show what is left after smoothing.
@@ -38,6 +42,7 @@ from lowbit.eval.perplexity import ReferenceLogits, load_windows
 from lowbit.kernels.int8_gemm import quantize_per_token
 from lowbit.models import block_linears, get_adapter, get_blocks
 from lowbit.nn.w8a8_linear import int8_weight
+from lowbit.quant.rotation import rotate, rotation_signs, unrotate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import WIKI_TEST, WIKI_VALID, resolve_source  # noqa: E402
@@ -95,21 +100,32 @@ def select(model, kinds: str) -> dict[str, torch.nn.Module]:
 
 
 class Applied:
-    """Quantizes the selected linears of `model` as `what` says until closed."""
+    """Quantizes the selected linears of `model` as `what` says until closed; with `rotate_block` each
+    rounding happens in the rotated basis and is rotated back."""
 
-    def __init__(self, model, config: str, threshold: float):
+    def __init__(self, model, config: str, threshold: float, rotate_block: int = 0):
         what, kinds = config.split(":")
         self.mods = select(model, kinds)
         self.saved, self.handles = {}, []
+        b = rotate_block
         if "w8" in what:
             for n, m in self.mods.items():
                 self.saved[n] = m.weight.data
-                q, s = int8_weight(m.weight.data, "channel", n)
-                m.weight.data = (q.float() * s).to(m.weight.dtype)
+                w = m.weight.data.float()
+                sg = rotation_signs(w.shape[1]) if b else None
+                q, s = int8_weight(rotate(w, sg, b, torch.float64) if b else w, "channel", n)
+                wq = q.float() * s
+                m.weight.data = (unrotate(wq, sg, b) if b else wq).to(m.weight.dtype)
         if "a8" in what:
             thr = threshold if what.endswith("o") else None
             for m in self.mods.values():
-                self.handles.append(m.register_forward_pre_hook(lambda mod, args, t=thr: (fake_act(args[0], t),)))
+                if b:
+                    sg = rotation_signs(m.in_features)
+                    hook = lambda mod, args, t=thr, sg=sg: (  # noqa: E731
+                        unrotate(fake_act(rotate(args[0], sg, b), t), sg, b).to(args[0].dtype),)
+                else:
+                    hook = lambda mod, args, t=thr: (fake_act(args[0], t),)  # noqa: E731
+                self.handles.append(m.register_forward_pre_hook(hook))
 
     def close(self):
         for h in self.handles:
@@ -155,7 +171,7 @@ def input_stats(model, ids: torch.Tensor, threshold: float) -> list[dict]:
 
 
 @torch.inference_mode()
-def float_column_share(model, ids: torch.Tensor, thresholds: list[float]) -> dict[float, float]:
+def float_column_share(model, ids: torch.Tensor, thresholds: list[float], rotate_block: int = 0) -> dict[float, float]:
     """Per threshold: the input columns LLM.int8() leaves in float (some |x| > threshold in the call),
     as a share of all input columns, averaged over every linear's 512-token calls, weighted by the
     work they carry (columns x output features)."""
@@ -164,7 +180,10 @@ def float_column_share(model, ids: torch.Tensor, thresholds: list[float]) -> dic
     total = [0.0]
 
     def hook(mod, args):
-        colmax = args[0].reshape(-1, args[0].shape[-1]).float().abs().amax(0)
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        if rotate_block:
+            x = rotate(x, rotation_signs(x.shape[-1]), rotate_block)
+        colmax = x.abs().amax(0)
         total[0] += colmax.numel() * mod.out_features
         for t in thresholds:
             kept[t] += float((colmax > t).sum()) * mod.out_features
@@ -192,6 +211,7 @@ def main() -> None:
     ap.add_argument("--search-tokens", type=int, default=None, help="alpha auto: tokens scored per pair")
     ap.add_argument("--objective", choices=("pair", "block"), default=None,
                     help="alpha auto: score alphas by the pair's outputs or by the block's output")
+    ap.add_argument("--rotate", type=int, default=0, help="round in the basis of a block-Hadamard rotation of this block")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     thresholds = [float(t) for t in a.threshold.split(",")]
@@ -210,7 +230,8 @@ def main() -> None:
     # float logits instead of taking it for the reference and reading them back (KL 0)
     ref.model = None
     base = evaluate(model, ids, progress=False)
-    result = {"model": a.model, "windows": a.windows, "text": str(text), "float_ppl": base["ppl"], "rows": []}
+    result = {"model": a.model, "windows": a.windows, "text": str(text), "float_ppl": base["ppl"], "rotate": a.rotate,
+              "rows": []}
     if a.smooth is not None:
         from lowbit.quant import PerChannel, QuantSpec
         from lowbit.recipes import Recipe
@@ -234,7 +255,7 @@ def main() -> None:
                 print(f"  alphas chosen after {prev}: {' '.join(f'{v:.2f}' for v in got)}", flush=True)
     print(f"{a.model}: {a.windows} x {a.seqlen} of {text.name}{' (held out from calibration)' if a.text == 'valid' else ''}, float ppl {base['ppl']:.3f}", flush=True)
     if any(c.split(":")[0].endswith("o") for c in a.configs.split(",")):
-        share = float_column_share(model, ids, thresholds)
+        share = float_column_share(model, ids, thresholds, a.rotate)
         result["float_column_share"] = {str(t): v for t, v in share.items()}
         print("  LLM.int8() columns left in float, share of the GEMM work: "
               + ", ".join(f"> {t:g}: {100 * v:.2f}%" for t, v in share.items()), flush=True)
@@ -248,7 +269,7 @@ def main() -> None:
             for t in (thresholds if cfg.split(":")[0].endswith("o") else [None])]
     for cfg, thr in runs:
         t0 = time.perf_counter()
-        app = Applied(model, cfg, thr if thr is not None else thresholds[0])
+        app = Applied(model, cfg, thr if thr is not None else thresholds[0], a.rotate)
         try:
             res = evaluate(model, ids, ref_model=ref, progress=False)
         finally:
