@@ -7,7 +7,7 @@ float32 (the models' compute dtype here) with a few large channels under LLM.int
 that the decomposition's float columns do not differ between the two.
 
     OMP_NUM_THREADS=2 python bench/rotate_speed.py [--shapes 4096x4096,4096x11008] [--m 1,128,512]
-        [--block 64] [--json out.json]
+        [--block 64] [--modules llm_int8,w4a8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x4096,4096x11008", help="KxN (in x out), comma-separated")
     ap.add_argument("--m", default="1,128,512", help="token counts")
     ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--modules", default="llm_int8,w4a8", help="which modules to time: llm_int8, w4a8")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
@@ -41,12 +42,13 @@ def main() -> None:
         k, n = (int(v) for v in shape.split("x"))
         w = torch.randn(n, k, generator=g) * 0.02
         wb = w.to(torch.bfloat16)
-        mods = {
-            "llm_int8": MixedInt8Linear.from_weight(w, None),
-            "llm_int8 rot": MixedInt8Linear.from_weight(w, None, rotate_block=a.block),
-            "w4a8": W4A8Linear.from_weight(w, None, group_size=64),
-            "w4a8 rot": W4A8Linear.from_weight(w, None, group_size=64, rotate_block=a.block),
-        }
+        mods = {}
+        if "llm_int8" in a.modules.split(","):
+            mods["llm_int8"] = MixedInt8Linear.from_weight(w, None)
+            mods["llm_int8 rot"] = MixedInt8Linear.from_weight(w, None, rotate_block=a.block)
+        if "w4a8" in a.modules.split(","):
+            mods["w4a8"] = W4A8Linear.from_weight(w, None, group_size=64)
+            mods["w4a8 rot"] = W4A8Linear.from_weight(w, None, group_size=64, rotate_block=a.block)
         signs = rotation_signs(k)
         for m in (int(v) for v in a.m.split(",")):
             x = torch.randn(m, k, generator=g)
